@@ -1,0 +1,92 @@
+"""The hardware a lane controller talks to, as tiny interfaces.
+
+Each interface has real adapters (OpenCV camera, zxing-cpp/pyzbar/OpenCV decoders, a
+gpiozero relay) and simulated implementations in ``sim_devices`` that the simulator and the
+tests run. Nothing in ``gateway_firmware.core`` touches hardware: the app feeds it readings.
+
+A third party porting the firmware to other hardware implements these::
+
+    class MyGate:
+        def open(self) -> None: relay.on()
+        def close(self) -> None: relay.off()
+        @property
+        def is_open(self) -> bool: return relay.value == 1
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "Camera",
+    "CameraError",
+    "Decoder",
+    "Display",
+    "Frame",
+    "Gate",
+    "PresenceDetector",
+]
+
+# A camera frame: uint8, either grayscale (H, W) or BGR (H, W, 3) as OpenCV delivers it.
+Frame = npt.NDArray[np.uint8]
+
+
+class CameraError(RuntimeError):
+    """The camera failed (unplugged, driver error); the app reports it and retries."""
+
+
+@runtime_checkable
+class Camera(Protocol):
+    """A source of frames.
+
+    ``read`` blocks for at most about one frame interval and returns the newest frame, or
+    ``None`` when none is ready; it raises :class:`CameraError` when the device fails.
+    """
+
+    def read(self) -> Frame | None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Decoder(Protocol):
+    """Finds QR codes in a frame and returns their texts (empty list when there are none).
+
+    >>> class Fixed:
+    ...     name = "fixed"
+    ...     def decode(self, frame: Frame) -> list[str]: return ["QP1..."]
+    """
+
+    name: str
+
+    def decode(self, frame: Frame) -> list[str]: ...
+
+
+@runtime_checkable
+class Gate(Protocol):
+    """The barrier (through a relay). ``open``/``close`` are idempotent."""
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    @property
+    def is_open(self) -> bool: ...
+
+
+@runtime_checkable
+class PresenceDetector(Protocol):
+    """An induction loop or beam: is a vehicle in the lane (under the barrier)?"""
+
+    @property
+    def vehicle_present(self) -> bool: ...
+
+
+@runtime_checkable
+class Display(Protocol):
+    """The text display a driver reads at the barrier."""
+
+    def show(self, text: str) -> None: ...
