@@ -56,7 +56,9 @@ SCHEMA_VERSION = 1
 # No legitimate message comes near this; a bigger payload is rejected before parsing.
 MAX_PAYLOAD_BYTES = 16 * 1024
 
-MessageId = Annotated[str, StringConstraints(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+MessageId = Annotated[
+    str, StringConstraints(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+]
 RawCode = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 ShortText = Annotated[str, StringConstraints(max_length=200)]
 
@@ -256,12 +258,12 @@ def _classify(exc: ValidationError) -> ProtocolError:
     first = errors[0] if errors else {"type": "unknown", "loc": (), "msg": str(exc)}
     kind = first["type"]
     loc = tuple(first.get("loc", ()))
-    if kind == "json_invalid" or kind == "json_type":
-        return ProtocolError(DecodeFailure.NOT_JSON, first["msg"])
+    if kind in ("json_invalid", "json_type"):
+        return ProtocolError(DecodeFailure.NOT_JSON, str(first["msg"]))
     if kind in ("union_tag_not_found", "model_attributes_type", "model_type"):
         return ProtocolError(DecodeFailure.INVALID, "not a message object with a 'type'")
     if kind == "union_tag_invalid":
-        return ProtocolError(DecodeFailure.UNKNOWN_TYPE, first["msg"])
+        return ProtocolError(DecodeFailure.UNKNOWN_TYPE, str(first["msg"]))
     if any(len(e.get("loc", ())) >= 2 and e["loc"][1] == "v" for e in errors):
         return ProtocolError(DecodeFailure.UNKNOWN_VERSION, "schema version not supported")
     where = ".".join(str(part) for part in loc[1:]) or "payload"

@@ -127,8 +127,9 @@ def parse_code(code: str) -> CodeClaims:
         raise CodeRejected(CodeRejection.MALFORMED, "not a parking code")
     match = _CODE_RE.match(code.strip())
     if match is None:
-        if code.startswith("QP") and code[2:3].isdigit() and not code.startswith(CODE_PREFIX + "."):
-            raise CodeRejected(CodeRejection.UNKNOWN_VERSION, code.split(".", 1)[0])
+        head, dot, _ = code.partition(".")
+        if dot and re.fullmatch(r"QP[0-9]+", head) and head != CODE_PREFIX:
+            raise CodeRejected(CodeRejection.UNKNOWN_VERSION, head)
         raise CodeRejected(CodeRejection.MALFORMED, "not a parking code")
     if match["ver"] != CODE_PREFIX:
         raise CodeRejected(CodeRejection.UNKNOWN_VERSION, match["ver"])

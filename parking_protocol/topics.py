@@ -3,11 +3,11 @@
 Version 1 topics (``{lot}`` and ``{gate}`` are :data:`~parking_protocol.types.LotId` /
 :data:`~parking_protocol.types.GateId` values)::
 
-    qrpark/v1/lots/{lot}/gates/{gate}/events    gateway -> central   ScanEvent        QoS 1
-    qrpark/v1/lots/{lot}/gates/{gate}/commands  central -> gateway   GateCommand/Ack  QoS 1
-    qrpark/v1/lots/{lot}/gates/{gate}/replies   gateway -> central   CommandReply     QoS 1
-    qrpark/v1/lots/{lot}/gates/{gate}/status    gateway -> all       GatewayStatus    QoS 1, retained
-    qrpark/v1/lots/{lot}/denylist               central -> gateways  DenyList         QoS 1, retained
+    qrpark/v1/lots/{lot}/gates/{gate}/events    gateway -> central  ScanEvent        QoS 1
+    qrpark/v1/lots/{lot}/gates/{gate}/commands  central -> gateway  GateCommand/Ack  QoS 1
+    qrpark/v1/lots/{lot}/gates/{gate}/replies   gateway -> central  CommandReply     QoS 1
+    qrpark/v1/lots/{lot}/gates/{gate}/status    gateway -> all      GatewayStatus    QoS 1, kept
+    qrpark/v1/lots/{lot}/denylist               central -> gateways DenyList         QoS 1, kept
 
 >>> gate_topic("lot1", "g1", TopicKind.EVENTS)
 'qrpark/v1/lots/lot1/gates/g1/events'

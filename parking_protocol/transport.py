@@ -130,8 +130,7 @@ class InMemoryBroker:
     _share_rr: itertools.count[int] = field(default_factory=itertools.count)
 
     def client(self, client_id: str, will: LastWill | None = None) -> InMemoryTransport:
-        transport = InMemoryTransport(self, client_id, will)
-        return transport
+        return InMemoryTransport(self, client_id, will)
 
     # -- fault injection -------------------------------------------------------------------
     async def cut(self, client_id: str) -> None:

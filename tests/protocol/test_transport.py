@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+
+from parking_protocol.mqtt import MqttTransport, parse_broker_url
+from parking_protocol.transport import (
+    InboundMessage,
+    InMemoryBroker,
+    LastWill,
+    Transport,
+    TransportUnavailable,
+    topic_matches,
+)
+from qrpark.services import MosquittoProcess
+
+
+async def next_message(it: AsyncIterator[InboundMessage], timeout: float = 5) -> InboundMessage:
+    return await asyncio.wait_for(anext(it), timeout)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "topic", "expected"),
+    [
+        ("a/+/c", "a/b/c", True),
+        ("a/+/c", "a/b/d", False),
+        ("a/#", "a/b/c", True),
+        ("a/#", "a", True),
+        ("a/+", "a/b/c", False),
+        ("$share/g/a/+", "a/b", True),
+        ("a/b", "a/b/c", False),
+    ],
+)
+def test_topic_matching(pattern: str, topic: str, expected: bool) -> None:
+    assert topic_matches(pattern, topic) is expected
+
+
+async def test_in_memory_broker_delivers_retains_and_fires_wills() -> None:
+    broker = InMemoryBroker()
+    will = LastWill("s/gw", b"offline", retain=True)
+    gw = broker.client("gw", will=will)
+    watcher = broker.client("watcher")
+    await gw.start()
+    await watcher.start()
+    assert isinstance(gw, Transport)
+    await gw.publish("s/gw", b"online", retain=True)
+    await watcher.subscribe("s/+")
+    messages = watcher.messages()
+    first = await next_message(messages)
+    assert (first.payload, first.retain) == (b"online", True)
+    await broker.cut("gw")
+    assert (await next_message(messages)).payload == b"offline"
+    with pytest.raises(TransportUnavailable):
+        await gw.publish("s/gw", b"x")
+    await broker.heal("gw")
+    await gw.publish("s/gw", b"back")
+    assert (await next_message(messages)).payload == b"back"
+
+
+async def test_in_memory_shared_subscription_splits_the_load() -> None:
+    broker = InMemoryBroker()
+    a, b, pub = broker.client("a"), broker.client("b"), broker.client("p")
+    for client in (a, b, pub):
+        await client.start()
+    await a.subscribe("$share/g/e/+")
+    await b.subscribe("$share/g/e/+")
+    for i in range(10):
+        await pub.publish(f"e/{i}", b"x")
+    assert a._queue.qsize() + b._queue.qsize() == 10
+    assert a._queue.qsize() == 5
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port", "tls"),
+    [
+        ("mqtt://broker:1884", "broker", 1884, False),
+        ("mqtts://broker", "broker", 8883, True),
+        ("127.0.0.1:1883", "127.0.0.1", 1883, False),
+    ],
+)
+def test_broker_urls(url: str, host: str, port: int, tls: bool) -> None:
+    address = parse_broker_url(url)
+    assert (address.host, address.port, address.tls) == (host, port, tls)
+
+
+@pytest.mark.parametrize("url", ["http://x:1", "mqtt://:1883", "mqtt://h:abc", "mqtt://h:70000"])
+def test_bad_broker_urls_are_refused(url: str) -> None:
+    with pytest.raises(ValueError, match=r"broker URL|scheme"):
+        parse_broker_url(url)
+
+
+@pytest.mark.broker
+async def test_mqtt_transport_round_trip_and_tcp_nodelay(mosquitto: MosquittoProcess) -> None:
+    address = parse_broker_url(mosquitto.url)
+    a = MqttTransport(address, "t-a")
+    b = MqttTransport(address, "t-b")
+    await b.subscribe("qt/#")
+    await a.start()
+    await b.start()
+    try:
+        assert await a.wait_connected(5)
+        assert await b.wait_connected(5)
+        sock = a._client._client.socket()  # type: ignore[union-attr]
+        assert isinstance(sock, socket.socket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        messages = b.messages()
+        await a.publish("qt/x", b"hello")
+        message = await next_message(messages)
+        assert (message.topic, message.payload) == ("qt/x", b"hello")
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.broker
+async def test_mqtt_transport_reconnects_after_broker_restart_and_resubscribes() -> None:
+    broker = MosquittoProcess().start()
+    try:
+        address = parse_broker_url(broker.url)
+        sub = MqttTransport(address, "t-sub", backoff_initial=0.05, backoff_max=0.2)
+        pub = MqttTransport(address, "t-pub", backoff_initial=0.05, backoff_max=0.2)
+        births: list[int] = []
+
+        async def birth() -> None:
+            births.append(1)
+
+        sub.on_connect(birth)
+        await sub.subscribe("r/#")
+        await sub.start()
+        await pub.start()
+        assert await sub.wait_connected(5) and await pub.wait_connected(5)
+        broker.kill()
+        for _ in range(100):
+            if not sub.connected:
+                break
+            await asyncio.sleep(0.05)
+        assert not sub.connected
+        with pytest.raises(TransportUnavailable):
+            await pub.publish("r/1", b"lost")
+        broker.start()
+        assert await sub.wait_connected(10) and await pub.wait_connected(10)
+        await pub.publish("r/1", b"after")
+        message = await next_message(sub.messages())
+        assert message.payload == b"after"
+        assert len(births) == 2
+        await sub.close()
+        await pub.close()
+    finally:
+        broker.stop()
+
+
+_DYING_CLIENT = """
+import asyncio, sys
+from parking_protocol.mqtt import MqttTransport, parse_broker_url
+from parking_protocol.transport import LastWill
+async def main():
+    t = MqttTransport(parse_broker_url(sys.argv[1]), "t-dying",
+                      will=LastWill("w/gw", b"offline"), keepalive=2)
+    await t.start()
+    assert await t.wait_connected(5)
+    print("connected", flush=True)
+    await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.broker
+async def test_mqtt_last_will_is_published_when_a_client_dies(
+    mosquitto: MosquittoProcess,
+) -> None:
+    watcher = MqttTransport(parse_broker_url(mosquitto.url), "t-watch")
+    await watcher.subscribe("w/gw")
+    await watcher.start()
+    assert await watcher.wait_connected(5)
+    dying = subprocess.Popen(
+        [sys.executable, "-c", _DYING_CLIENT, mosquitto.url], stdout=subprocess.PIPE
+    )
+    try:
+        assert dying.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(dying.stdout.readline), 10)
+        assert line.strip() == b"connected"
+        dying.kill()  # no DISCONNECT packet: the broker must publish the will
+        message = await next_message(watcher.messages(), timeout=10)
+        assert message.payload == b"offline"
+    finally:
+        dying.kill()
+        dying.wait()
+        if dying.stdout is not None:
+            dying.stdout.close()
+        await watcher.close()
