@@ -1,0 +1,190 @@
+"""Simulated drivers: phones that refresh their dynamic codes, and traffic through a lot.
+
+Drivers arrive by a Poisson process, hold their phone up at the entry lane, park for a
+while, then leave through the exit lane. Everything goes through the real gateways: the
+only simulated things are the phone screen (rendered into camera frames), the loop detector
+and the barrier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from gateway_firmware.hardware.interfaces import Gate
+from parking_protocol.clock import Clock
+from parking_protocol.qr_token import parse_code
+from sim_devices.scene import LaneScene
+
+__all__ = ["Driver", "Lane", "LaneOutcome", "Phone", "TrafficStats", "pass_lane", "run_traffic"]
+
+log = logging.getLogger(__name__)
+
+# Fetches a fresh code for an account: from the service's API in the demo, from a key in tests.
+CodeSource = Callable[[str], Awaitable[str]]
+
+
+@dataclass
+class Phone:
+    """A driver's phone: shows the current code and fetches a new one before it expires."""
+
+    account_id: str
+    source: CodeSource
+    clock: Clock
+    refresh_before: timedelta = timedelta(seconds=15)
+    _code: str | None = None
+    _expires_at: datetime | None = None
+
+    async def current_code(self) -> str:
+        now = self.clock.now()
+        if self._code is None or self._expires_at is None or (
+            self._expires_at - now <= self.refresh_before
+        ):
+            self._code = await self.source(self.account_id)
+            self._expires_at = parse_code(self._code).expires_at
+        return self._code
+
+
+@dataclass
+class Driver:
+    name: str
+    phone: Phone
+    inside: bool = False
+
+
+@dataclass
+class Lane:
+    """One lane of the simulated lot: its scene, its barrier and a queue of one car at a time."""
+
+    scene: LaneScene
+    gate: Gate
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(frozen=True)
+class LaneOutcome:
+    opened: bool
+    waited_s: float
+
+
+async def pass_lane(
+    lane: Lane,
+    driver: Driver,
+    *,
+    timeout: float = 10.0,
+    drive_through_s: float = 0.5,
+    poll_s: float = 0.01,
+) -> LaneOutcome:
+    """Drive up, show the code, wait for the barrier, drive through (or back off)."""
+    loop = asyncio.get_running_loop()
+    async with lane.lock:
+        started = loop.time()
+        lane.scene.vehicle_arrives(driver.name)
+        lane.scene.show_code(await driver.phone.current_code())
+        deadline = started + timeout
+        opened = False
+        while loop.time() < deadline:
+            if lane.gate.is_open:
+                opened = True
+                break
+            await asyncio.sleep(poll_s)
+        waited = loop.time() - started
+        lane.scene.show_code(None)
+        if opened:
+            await asyncio.sleep(drive_through_s)
+        lane.scene.vehicle_leaves()
+        # Let the barrier come down before the next car pulls up.
+        close_deadline = loop.time() + timeout
+        while lane.gate.is_open and loop.time() < close_deadline:  # noqa: ASYNC110 - polls hardware
+            await asyncio.sleep(poll_s)
+        return LaneOutcome(opened=opened, waited_s=waited)
+
+
+@dataclass
+class TrafficStats:
+    arrivals: int = 0
+    entries: int = 0
+    exits: int = 0
+    denied: Counter[str] = field(default_factory=Counter)
+    waits: list[float] = field(default_factory=list)
+
+    def summary(self) -> str:
+        waits = sorted(self.waits)
+        p50 = waits[len(waits) // 2] * 1000 if waits else 0.0
+        denied = ", ".join(f"{k}: {v}" for k, v in self.denied.items()) or "none"
+        return (
+            f"arrivals {self.arrivals}, entries {self.entries}, exits {self.exits}, "
+            f"denied ({denied}), median wait at the barrier {p50:.0f} ms"
+        )
+
+
+async def run_traffic(
+    drivers: list[Driver],
+    entry: Lane,
+    exit_: Lane,
+    *,
+    rng: random.Random,
+    arrivals_per_minute: float,
+    dwell_s: tuple[float, float],
+    stop: asyncio.Event,
+    stats: TrafficStats | None = None,
+    on_event: Callable[[str], None] | None = None,
+) -> TrafficStats:
+    """Poisson arrivals until ``stop`` is set; each car enters, parks, and leaves."""
+    stats = stats or TrafficStats()
+    report = on_event or (lambda text: log.info("%s", text))
+    visits: set[asyncio.Task[None]] = set()
+
+    async def visit(driver: Driver) -> None:
+        stats.arrivals += 1
+        outcome = await pass_lane(entry, driver)
+        stats.waits.append(outcome.waited_s)
+        if not outcome.opened:
+            stats.denied["entry"] += 1
+            report(f"{driver.name}: entry refused")
+            return
+        driver.inside = True
+        stats.entries += 1
+        report(f"{driver.name}: entered ({outcome.waited_s * 1000:.0f} ms at the barrier)")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), rng.uniform(*dwell_s))
+        for _attempt in range(3):
+            outcome = await pass_lane(exit_, driver)
+            stats.waits.append(outcome.waited_s)
+            if outcome.opened:
+                driver.inside = False
+                stats.exits += 1
+                report(f"{driver.name}: left ({outcome.waited_s * 1000:.0f} ms at the barrier)")
+                return
+            stats.denied["exit"] += 1
+            report(f"{driver.name}: exit refused")
+            if stop.is_set():
+                return
+            await asyncio.sleep(2)
+
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), rng.expovariate(arrivals_per_minute / 60))
+        if stop.is_set():
+            break
+        candidates = [d for d in drivers if not d.inside and d.name not in _busy(visits)]
+        if not candidates:
+            continue
+        driver = rng.choice(candidates)
+        task = asyncio.create_task(visit(driver), name=driver.name)
+        visits.add(task)
+        task.add_done_callback(visits.discard)
+    for task in list(visits):
+        task.cancel()
+    await asyncio.gather(*visits, return_exceptions=True)
+    return stats
+
+
+def _busy(tasks: set[asyncio.Task[None]]) -> set[str]:
+    return {task.get_name() for task in tasks}
