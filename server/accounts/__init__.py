@@ -1,0 +1,1 @@
+"""Driver accounts, their wallets and the double-entry ledger behind them."""

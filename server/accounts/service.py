@@ -1,0 +1,232 @@
+"""Data access for accounts and the ledger: balances are sums of postings, never a column."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapper
+from sqlmodel import Session, select
+
+from parking_protocol.messages import new_id
+from server.accounts.ledger import (
+    PostingSpec,
+    assert_balanced,
+    charge_postings,
+    topup_postings,
+    wallet_account,
+)
+from server.accounts.models import (
+    Account,
+    AccountCreate,
+    AccountRead,
+    LedgerTransaction,
+    Posting,
+    TopupRead,
+    TopupRequest,
+)
+from server.errors import ConflictError, NotFoundError, UnprocessableError
+
+__all__ = [
+    "TopupOutcome",
+    "account_read",
+    "balance",
+    "charge",
+    "create_account",
+    "get_account",
+    "require_account",
+    "set_blocked",
+    "topup",
+]
+
+
+@sa.event.listens_for(Posting, "before_update")
+@sa.event.listens_for(Posting, "before_delete")
+def _postings_are_append_only(
+    _mapper: Mapper[Posting], _conn: sa.Connection, target: Posting
+) -> None:
+    raise RuntimeError(f"ledger posting {target.posting_id} must never be changed or deleted")
+
+
+def get_account(db: Session, account_id: str) -> Account | None:
+    return db.get(Account, account_id)
+
+
+def require_account(db: Session, account_id: str) -> Account:
+    account = db.get(Account, account_id)
+    if account is None:
+        raise NotFoundError(f"account {account_id!r} not found")
+    return account
+
+
+def balance(db: Session, account_id: str, currency: str) -> int:
+    """The wallet balance in minor units: the sum of its postings in ``currency``."""
+    total = db.exec(
+        select(sa.func.coalesce(sa.func.sum(Posting.amount_minor), 0)).where(
+            Posting.ledger_account == wallet_account(account_id), Posting.currency == currency
+        )
+    ).one()
+    return int(total)
+
+
+def account_read(db: Session, account: Account) -> AccountRead:
+    return AccountRead(
+        account_id=account.account_id,
+        name=account.name,
+        currency=account.currency,
+        blocked=account.blocked,
+        balance_minor=balance(db, account.account_id, account.currency),
+        created_at=account.created_at,
+    )
+
+
+def create_account(db: Session, data: AccountCreate, *, now: datetime) -> Account:
+    account_id = data.account_id or uuid.uuid4().hex[:16]
+    if db.get(Account, account_id) is not None:
+        raise ConflictError(f"account {account_id!r} already exists")
+    account = Account(account_id=account_id, name=data.name, currency=data.currency, created_at=now)
+    db.add(account)
+    try:
+        db.flush()
+    except IntegrityError:
+        raise ConflictError(f"account {account_id!r} already exists") from None
+    return account
+
+
+def set_blocked(db: Session, account_id: str, blocked: bool) -> Account:
+    account = require_account(db, account_id)
+    account.blocked = blocked
+    db.add(account)
+    db.flush()
+    return account
+
+
+def _post(
+    db: Session,
+    *,
+    kind: str,
+    account_id: str,
+    postings: Sequence[PostingSpec],
+    currency: str,
+    reference: str | None,
+    now: datetime,
+) -> str:
+    assert_balanced(postings)
+    transaction_id = new_id()
+    db.add(
+        LedgerTransaction(
+            transaction_id=transaction_id,
+            kind=kind,
+            account_id=account_id,
+            reference=reference,
+            created_at=now,
+        )
+    )
+    db.flush()  # the transaction row exists before its postings reference it
+    for spec in postings:
+        db.add(
+            Posting(
+                transaction_id=transaction_id,
+                ledger_account=spec.ledger_account,
+                amount_minor=spec.amount_minor,
+                currency=currency,
+            )
+        )
+    db.flush()
+    return transaction_id
+
+
+def charge(
+    db: Session,
+    *,
+    account_id: str,
+    lot_id: str,
+    amount_minor: int,
+    currency: str,
+    reference: str,
+    now: datetime,
+) -> str:
+    """Move a parking fee from the wallet to the lot's revenue (may leave a debt)."""
+    return _post(
+        db,
+        kind="charge",
+        account_id=account_id,
+        postings=charge_postings(account_id, lot_id, amount_minor),
+        currency=currency,
+        reference=reference,
+        now=now,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TopupOutcome:
+    response: TopupRead
+    replayed: bool
+
+
+def _request_hash(account_id: str, amount_minor: int) -> str:
+    body = json.dumps({"account_id": account_id, "amount_minor": amount_minor}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _replay(existing: TopupRequest, request_hash: str) -> TopupOutcome:
+    if existing.request_hash != request_hash:
+        raise UnprocessableError("Idempotency-Key was already used with a different request body")
+    return TopupOutcome(TopupRead.model_validate_json(existing.response_json), replayed=True)
+
+
+def topup(
+    db: Session, account_id: str, amount_minor: int, *, idempotency_key: str, now: datetime
+) -> TopupOutcome:
+    """Credit a wallet once per Idempotency-Key; the same key replays the first answer.
+
+    Commits: the key, the ledger transaction and the stored answer go in one transaction.
+    """
+    request_hash = _request_hash(account_id, amount_minor)
+    existing = db.get(TopupRequest, (account_id, idempotency_key))
+    if existing is not None:
+        return _replay(existing, request_hash)
+    account = require_account(db, account_id)
+    transaction_id = _post(
+        db,
+        kind="topup",
+        account_id=account_id,
+        postings=topup_postings(account_id, amount_minor),
+        currency=account.currency,
+        reference=f"topup:{idempotency_key}",
+        now=now,
+    )
+    response = TopupRead(
+        transaction_id=transaction_id,
+        account_id=account_id,
+        amount_minor=amount_minor,
+        currency=account.currency,
+        balance_minor=balance(db, account_id, account.currency),
+        created_at=now,
+    )
+    db.add(
+        TopupRequest(
+            account_id=account_id,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            transaction_id=transaction_id,
+            response_json=response.model_dump_json(),
+            created_at=now,
+        )
+    )
+    try:
+        db.commit()
+    except IntegrityError:
+        # The same key raced in from another request: its answer is the answer.
+        db.rollback()
+        raced = db.get(TopupRequest, (account_id, idempotency_key))
+        if raced is None:
+            raise
+        return _replay(raced, request_hash)
+    return TopupOutcome(response, replayed=False)

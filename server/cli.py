@@ -1,0 +1,41 @@
+"""Run the central service: ``python -m server [--host H] [--port P]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from server.config import ServerSettings
+
+__all__ = ["main", "serve"]
+
+
+def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the API and run the MQTT bridge until interrupted (blocks)."""
+    import uvicorn
+
+    from server.main import create_app
+
+    uvicorn.run(create_app(settings), host=host, port=port, loop="uvloop", http="httptools")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    try:
+        settings = ServerSettings()
+    except ValidationError as exc:
+        print(f"invalid settings (QRPARK_*):\n{exc}", file=sys.stderr)
+        return 2
+    serve(settings, args.host, args.port)
+    return 0

@@ -1,0 +1,67 @@
+"""Settings of the central service: one class, read from ``QRPARK_*`` variables, passed in.
+
+Nothing here is built at import time; :class:`ServerSettings` is instantiated by the
+composition root (``server.main.create_app`` / ``server.cli``), and a bad value fails there
+with the field's name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from parking_protocol.mqtt import parse_broker_url
+from parking_protocol.qr_token import MAX_LIFETIME
+
+__all__ = ["ServerSettings"]
+
+_PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "password", "secret", "qrpark"})
+
+
+class ServerSettings(BaseSettings):
+    """Everything the central service needs to start (env prefix ``QRPARK_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="QRPARK_", extra="ignore", frozen=True)
+
+    environment: Literal["development", "production"] = "development"
+    database_url: str = "sqlite:///./var/qrpark.db"
+    auto_migrate: bool = True
+
+    mqtt_enabled: bool = True
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    mqtt_username: str | None = None
+    mqtt_password: SecretStr | None = None
+    mqtt_client_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "qrpark-central"
+    mqtt_shared_group: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,36}$")] | None = None
+
+    key_file: Path = Path("./var/keys/signing.pem")
+    code_lifetime_s: Annotated[int, Field(ge=5, le=int(MAX_LIFETIME.total_seconds()))] = 60
+    clock_skew_s: Annotated[int, Field(ge=0, le=120)] = 5
+    command_ttl_s: Annotated[int, Field(ge=1, le=300)] = 10
+    max_batch: Annotated[int, Field(ge=1, le=10_000)] = 200
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        if not value.startswith(("sqlite://", "postgresql")):
+            raise ValueError("use sqlite:///path.db or postgresql+psycopg://user@host/db")
+        return value
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        parse_broker_url(value)  # raises ValueError naming the problem
+        return value
+
+    @model_validator(mode="after")
+    def _no_placeholder_secrets_in_production(self) -> ServerSettings:
+        if (
+            self.environment == "production"
+            and self.mqtt_password is not None
+            and self.mqtt_password.get_secret_value().lower() in _PLACEHOLDER_SECRETS
+        ):
+            raise ValueError("mqtt_password is a placeholder; set a real secret in production")
+        return self

@@ -1,0 +1,94 @@
+"""Engines, sessions, the aware-UTC column type and migrations (nothing built at import).
+
+SQLite gets WAL, ``synchronous=NORMAL``, a busy timeout and real SAVEPOINT support (the
+driver's own transaction handling is switched off and SQLAlchemy emits ``BEGIN IMMEDIATE``,
+so a read-then-write transaction never fails on a lock upgrade). PostgreSQL is used as is.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import Dialect, Engine
+
+__all__ = ["UTCDateTime", "make_engine", "upgrade"]
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """A timestamp that is timezone-aware UTC going in and coming out, on every database."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.utcoffset() is None:
+            raise ValueError("naive datetime refused: use timezone-aware UTC")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)  # stored as UTC text without an offset
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.utcoffset() is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def make_engine(database_url: str, **kwargs: Any) -> Engine:
+    """An engine for ``database_url`` with the pragmas and transaction mode we rely on."""
+    url = sa.make_url(database_url)
+    if url.get_backend_name() != "sqlite":
+        return sa.create_engine(url, pool_pre_ping=True, **kwargs)
+    if url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, connect_args={"check_same_thread": False}, **kwargs)
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves (SAVEPOINTs work)
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(connection: sa.Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def alembic_config(connection: sa.Connection | None = None) -> Config:
+    """A programmatic Alembic config pointing at ``server/migrations`` (no alembic.ini)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def upgrade(database: str | Engine, revision: str = "head") -> None:
+    """Run ``alembic upgrade head`` on ``database`` (a URL or an engine)."""
+    engine = make_engine(database) if isinstance(database, str) else database
+    try:
+        with engine.begin() as connection:
+            command.upgrade(alembic_config(connection), revision)
+    finally:
+        if isinstance(database, str):
+            engine.dispose()

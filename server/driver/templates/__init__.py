@@ -1,0 +1,1 @@
+"""Package marker so the files here ship in wheels (package-data)."""

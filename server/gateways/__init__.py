@@ -1,0 +1,1 @@
+"""Gates, their gateways' latest status and their replies to commands."""

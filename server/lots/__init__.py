@@ -1,0 +1,1 @@
+"""Car parks: capacity, time zone and tariff."""

@@ -1,0 +1,30 @@
+"""HTTP for lots."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from server.deps import NowDep, SessionDep
+from server.lots import service
+from server.lots.models import LotCreate, LotRead
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/api/v1/lots", tags=["lots"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def create_lot(data: LotCreate, db: SessionDep, now: NowDep) -> LotRead:
+    lot = service.create_lot(db, data, now=now)
+    db.commit()
+    return service.lot_read(db, lot)
+
+
+@router.get("")
+def list_lots(db: SessionDep) -> list[LotRead]:
+    return [service.lot_read(db, lot) for lot in service.list_lots(db)]
+
+
+@router.get("/{lot_id}")
+def get_lot(lot_id: str, db: SessionDep) -> LotRead:
+    return service.lot_read(db, service.require_lot(db, lot_id))

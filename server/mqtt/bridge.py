@@ -1,0 +1,281 @@
+"""The MQTT bridge: decode at the edge, group-commit in one writer, then publish.
+
+* The consumer turns every inbound message into a typed message or drops it, logged and
+  counted by reason; nothing it receives can stop it.
+* One writer task drains whatever is queued (up to ``max_batch``), handles it in ONE
+  database transaction with a SAVEPOINT per message, commits, and only then hands the
+  replies to the publisher. A failing message is rolled back alone, kept in
+  ``dead_letters`` and (for a scan) answered with an INTERNAL_ERROR deny.
+* A single writer and a single publisher keep each gate's order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from parking_protocol.clock import Clock
+from parking_protocol.messages import (
+    CommandReply,
+    DecodeFailure,
+    GatewayStatus,
+    ProtocolError,
+    ScanEvent,
+    decode,
+)
+from parking_protocol.topics import TopicKind, TopicRef, all_gates_filter, parse_topic, shared
+from parking_protocol.transport import InboundMessage, Transport, TransportUnavailable
+from server.gateways.service import record_reply, record_status
+from server.sessions.flows import (
+    FlowConfig,
+    Reply,
+    handle_scan,
+    internal_error_reply,
+    unavailable_reply,
+)
+from server.sessions.service import record_dead_letter
+
+__all__ = ["Bridge", "BridgeStats", "Inbound", "ScanHandler"]
+
+log = logging.getLogger(__name__)
+
+ScanHandler = Callable[..., Reply]
+"""``handler(db, event, ref, *, now, config) -> Reply`` (``handle_scan`` in production)."""
+
+_EXPECTED: dict[TopicKind, type[ScanEvent | GatewayStatus | CommandReply]] = {
+    TopicKind.EVENTS: ScanEvent,
+    TopicKind.STATUS: GatewayStatus,
+    TopicKind.REPLIES: CommandReply,
+}
+
+
+@dataclass
+class BridgeStats:
+    """Counters for logs, tests and (later) metrics."""
+
+    received: int = 0
+    bad_topics: int = 0
+    decode_failures: Counter[DecodeFailure] = field(default_factory=Counter)
+    events: int = 0
+    replays: int = 0
+    statuses: int = 0
+    replies: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    largest_batch: int = 0
+    failed_batches: int = 0
+    published: int = 0
+    publish_failures: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    ref: TopicRef
+    topic: str
+    payload: bytes
+    message: ScanEvent | GatewayStatus | CommandReply
+
+
+class Bridge:
+    """Consumes gate events, statuses and replies; publishes commands and acks."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        engine: Engine,
+        clock: Clock,
+        config: FlowConfig,
+        *,
+        shared_group: str | None = None,
+        max_batch: int = 200,
+        queue_size: int = 10_000,
+        handler: ScanHandler = handle_scan,
+    ) -> None:
+        self.transport = transport
+        self.engine = engine
+        self.clock = clock
+        self.config = config
+        self.shared_group = shared_group
+        self.max_batch = max_batch
+        self.handler = handler
+        self.stats = BridgeStats()
+        self._queue: asyncio.Queue[Inbound] = asyncio.Queue(queue_size)
+        self._outbox: asyncio.Queue[tuple[list[Reply], int]] = asyncio.Queue()
+        self._pending = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def subscriptions(self) -> list[str]:
+        events = all_gates_filter(TopicKind.EVENTS)
+        replies = all_gates_filter(TopicKind.REPLIES)
+        if self.shared_group:
+            events, replies = shared(self.shared_group, events), shared(self.shared_group, replies)
+        # Statuses are retained, and shared subscriptions get no retained messages.
+        return [events, replies, all_gates_filter(TopicKind.STATUS)]
+
+    async def start(self) -> None:
+        for topic_filter in self.subscriptions():
+            await self.transport.subscribe(topic_filter, qos=1)
+        self._tasks = [
+            asyncio.create_task(self._consume(), name="bridge:consume"),
+            asyncio.create_task(self._write(), name="bridge:write"),
+            asyncio.create_task(self._publish(), name="bridge:publish"),
+        ]
+
+    async def stop(self, drain_timeout: float = 5.0) -> None:
+        """Stop taking messages, finish what is queued (bounded), then stop."""
+        if not self._tasks:
+            return
+        consume, *rest = self._tasks
+        consume.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consume
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wait_idle(), drain_timeout)
+        for task in rest:
+            task.cancel()
+        for task in rest:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    async def wait_idle(self) -> None:
+        """Until everything accepted so far is committed and published."""
+        await self._idle.wait()
+
+    # -- the edge: topic + payload -> typed message ---------------------------------------------
+    def accept(self, message: InboundMessage) -> Inbound | None:
+        """Parse and decode one message; a bad one is logged, counted and dropped."""
+        self.stats.received += 1
+        ref = parse_topic(message.topic)
+        expected = _EXPECTED.get(ref.kind) if ref is not None else None
+        if ref is None or expected is None:
+            self.stats.bad_topics += 1
+            log.warning("dropped message on unexpected topic %r", message.topic[:200])
+            return None
+        try:
+            decoded = decode(message.payload, expected)
+        except ProtocolError as exc:
+            self.stats.decode_failures[exc.failure] += 1
+            log.warning("dropped %s payload on %s: %s", ref.kind, message.topic, exc)
+            return None
+        return Inbound(ref=ref, topic=message.topic, payload=message.payload, message=decoded)
+
+    async def _consume(self) -> None:
+        async for message in self.transport.messages():
+            inbound = self.accept(message)
+            if inbound is not None:
+                self._pending += 1
+                self._idle.clear()
+                await self._queue.put(inbound)
+
+    # -- the single writer ------------------------------------------------------------------------
+    async def _write(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                replies = await asyncio.to_thread(self.process_batch, batch)
+            except Exception:
+                self.stats.failed_batches += 1
+                log.exception("batch of %d not committed; scans denied as unavailable", len(batch))
+                now = self.clock.now()
+                replies = [
+                    unavailable_reply(item.message, item.ref, now=now, config=self.config)
+                    for item in batch
+                    if isinstance(item.message, ScanEvent)
+                ]
+            await self._outbox.put((replies, len(batch)))
+
+    def process_batch(self, batch: list[Inbound]) -> list[Reply]:
+        """One transaction for the batch, one SAVEPOINT per message (runs in a thread)."""
+        replies: list[Reply] = []
+        with Session(self.engine, expire_on_commit=False) as db, db.begin():
+            for item in batch:
+                now = self.clock.now()
+                try:
+                    with db.begin_nested():
+                        reply = self._handle(db, item, now)
+                except Exception as exc:
+                    reply = self._dead_letter(db, item, exc, now)
+                if reply is not None:
+                    replies.append(reply)
+        self.stats.batches += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        return replies
+
+    def _handle(self, db: Session, item: Inbound, now: datetime) -> Reply | None:
+        message = item.message
+        if isinstance(message, ScanEvent):
+            reply = self.handler(db, message, item.ref, now=now, config=self.config)
+            self.stats.events += 1
+            self.stats.replays += reply.replayed
+            return reply
+        if isinstance(message, GatewayStatus):
+            if (message.lot_id, message.gate_id) == (item.ref.lot_id, item.ref.gate_id):
+                record_status(db, message, now=now)
+                self.stats.statuses += 1
+            else:
+                log.warning(
+                    "status for %s/%s on %s ignored", message.lot_id, message.gate_id, item.topic
+                )
+            return None
+        record_reply(db, message, now=now)
+        self.stats.replies += 1
+        return None
+
+    def _dead_letter(
+        self, db: Session, item: Inbound, exc: Exception, now: datetime
+    ) -> Reply | None:
+        log.error("handling %s failed, kept as a dead letter", item.topic, exc_info=exc)
+        event_id = item.message.event_id if isinstance(item.message, ScanEvent) else None
+        with db.begin_nested():
+            record_dead_letter(
+                db,
+                event_id=event_id,
+                topic=item.topic,
+                payload=item.payload,
+                error=f"{type(exc).__name__}: {exc}"[:4000],
+                now=now,
+            )
+        self.stats.dead_letters += 1
+        if isinstance(item.message, ScanEvent):
+            return internal_error_reply(item.message, item.ref, now=now, config=self.config)
+        return None
+
+    # -- the publisher ----------------------------------------------------------------------------
+    async def _publish(self) -> None:
+        while True:
+            replies, handled = await self._outbox.get()
+            results = await asyncio.gather(
+                *(
+                    self.transport.publish(r.topic, r.payload, qos=1, expiry=r.expiry)
+                    for r in replies
+                ),
+                return_exceptions=True,
+            )
+            for reply, result in zip(replies, results, strict=True):
+                if isinstance(result, BaseException):
+                    self.stats.publish_failures += 1
+                    # The gateway redelivers the event and gets the stored answer again.
+                    level = (
+                        logging.INFO if isinstance(result, TransportUnavailable) else logging.ERROR
+                    )
+                    log.log(level, "publish to %s failed: %r", reply.topic, result)
+                else:
+                    self.stats.published += 1
+            self._pending -= handled
+            if self._pending <= 0:
+                self._pending = 0
+                self._idle.set()

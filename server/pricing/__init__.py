@@ -1,0 +1,1 @@
+"""Pricing: the pure tariff engine."""

@@ -1,0 +1,1 @@
+"""Parking sessions and the scan-event use case that opens and closes them."""

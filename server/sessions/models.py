@@ -1,0 +1,125 @@
+"""Tables for parking sessions, used code nonces, processed events and dead letters."""
+
+from datetime import datetime
+
+import sqlalchemy as sa
+from pydantic import BaseModel
+from sqlmodel import Field, SQLModel
+
+from parking_protocol.types import Money
+from server.db import UTCDateTime
+
+__all__ = [
+    "DeadLetter",
+    "LineItemRead",
+    "ParkingSession",
+    "ProcessedEvent",
+    "SessionRead",
+    "SessionState",
+    "UsedNonce",
+]
+
+
+class SessionState:
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+OPEN_ONLY = sa.text("state = 'open'")
+
+
+class ParkingSession(SQLModel, table=True):
+    """A vehicle's stay in a lot, from the entry scan to the paid exit."""
+
+    __tablename__ = "parking_sessions"
+    __table_args__ = (
+        # Anti-passback enforced by the database: one open session per account and lot.
+        sa.Index(
+            "uq_parking_sessions_one_open",
+            "account_id",
+            "lot_id",
+            unique=True,
+            sqlite_where=OPEN_ONLY,
+            postgresql_where=OPEN_ONLY,
+        ),
+        sa.Index("ix_parking_sessions_lot_state", "lot_id", "state"),
+    )
+
+    session_id: str = Field(primary_key=True, max_length=64)
+    account_id: str = Field(max_length=36, foreign_key="accounts.account_id", index=True)
+    lot_id: str = Field(max_length=36, foreign_key="lots.lot_id")
+    state: str = Field(max_length=8)
+    entry_gate_id: str = Field(max_length=36)
+    entry_event_id: str = Field(max_length=64)
+    entered_at: datetime = Field(sa_type=UTCDateTime)
+    offline_entry: bool = False
+    exit_gate_id: str | None = Field(default=None, max_length=36)
+    exit_event_id: str | None = Field(default=None, max_length=64)
+    exited_at: datetime | None = Field(default=None, sa_type=UTCDateTime, nullable=True)
+    offline_exit: bool = False
+    amount_minor: int | None = Field(default=None, sa_type=sa.BigInteger, nullable=True)
+    currency: str = Field(max_length=3)
+    settlement: str | None = Field(default=None, max_length=8)  # free | paid | owed
+    charge_transaction_id: str | None = Field(default=None, max_length=64)
+    quote_json: str | None = Field(default=None, sa_type=sa.Text, nullable=True)
+
+
+class UsedNonce(SQLModel, table=True):
+    """A code nonce that has opened a gate: a second use is a replay."""
+
+    __tablename__ = "used_nonces"
+
+    nonce: str = Field(primary_key=True, max_length=64)
+    account_id: str = Field(max_length=36)
+    event_id: str = Field(max_length=64)
+    used_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class ProcessedEvent(SQLModel, table=True):
+    """Each scan event handled, with the exact answer it got (for redeliveries)."""
+
+    __tablename__ = "processed_events"
+
+    event_id: str = Field(primary_key=True, max_length=64)
+    lot_id: str = Field(max_length=36)
+    gate_id: str = Field(max_length=36)
+    seq: int = Field(sa_type=sa.BigInteger)
+    boot: int = Field(sa_type=sa.BigInteger)
+    reply_json: str = Field(sa_type=sa.Text)
+    processed_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class DeadLetter(SQLModel, table=True):
+    """An inbound message whose handling failed, kept with the error for an operator."""
+
+    __tablename__ = "dead_letters"
+
+    dead_letter_id: int | None = Field(default=None, primary_key=True)
+    event_id: str | None = Field(default=None, max_length=64, index=True)
+    topic: str = Field(max_length=300)
+    payload: bytes = Field(sa_type=sa.LargeBinary)
+    error: str = Field(sa_type=sa.Text)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class LineItemRead(BaseModel):
+    description: str
+    quantity: int
+    amount_minor: int
+
+
+class SessionRead(BaseModel):
+    session_id: str
+    account_id: str
+    lot_id: str
+    state: str
+    entry_gate_id: str
+    entered_at: datetime
+    offline_entry: bool
+    exit_gate_id: str | None
+    exited_at: datetime | None
+    offline_exit: bool
+    duration_s: int | None
+    amount: Money | None
+    settlement: str | None
+    line_items: list[LineItemRead]
