@@ -14,13 +14,28 @@ from server.config import ServerSettings
 __all__ = ["main", "serve"]
 
 
-def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(
+    settings: ServerSettings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    log_level: str = "info",
+    access_log: bool = True,
+) -> None:
     """Serve the API and run the MQTT bridge until interrupted (blocks)."""
     import uvicorn
 
     from server.main import create_app
 
-    uvicorn.run(create_app(settings), host=host, port=port, loop="uvloop", http="httptools")
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level=log_level.lower(),
+        access_log=access_log,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--no-access-log", action="store_true", help="do not log every request")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -37,5 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"invalid settings (QRPARK_*):\n{exc}", file=sys.stderr)
         return 2
-    serve(settings, args.host, args.port)
+    serve(
+        settings,
+        args.host,
+        args.port,
+        log_level=args.log_level,
+        access_log=not args.no_access_log,
+    )
     return 0

@@ -1,0 +1,266 @@
+"""Scan -> gate-command latency through Mosquitto, with pricing, settlement and persistence.
+
+Starts a private Mosquitto (set_tcp_nodelay true) and the central service as its own process
+(SQLite by default, or --database-url), provisions a lot through the REST API, then runs
+simulated gates that publish real signed scan events and wait for their commands:
+
+* 1 lane: one entry and one exit gate, one event in flight at a time;
+* N gates: N/2 lanes working concurrently, each paced at --rate events/s per gate.
+
+Every entry opens a session and every exit closes, prices and settles it. Prints p50/p90/p99.
+
+    python bench/bench_latency.py [--gates 50] [--seconds 15] [--rate 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from parking_protocol.messages import GateCommand, ScanEvent, decode, encode, new_id
+from parking_protocol.mqtt import MqttTransport, parse_broker_url
+from parking_protocol.qr_token import issue_code
+from parking_protocol.topics import TopicKind, gate_topic
+from parking_protocol.types import Direction, GateAction
+from qrpark.services import MosquittoProcess, free_port, port_open
+from server.keys import load_or_create_keys
+
+LOT = "bench"
+
+
+def api(base: str, method: str, path: str, body: object | None = None, **headers: str) -> object:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        base + path,
+        data=data,
+        method=method,
+        headers={"content-type": "application/json", **headers},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 409:
+            return None
+        raise
+
+
+@dataclass
+class Stats:
+    latencies: list[float] = field(default_factory=list)
+    denied: int = 0
+    timeouts: int = 0
+
+    def line(self, label: str, elapsed: float) -> str:
+        lat = sorted(self.latencies)
+        if not lat:
+            return f"{label}: no answers ({self.timeouts} timeouts)"
+        q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else [lat[0]] * 99
+        return (
+            f"{label:<28} events {len(lat):>6}  {len(lat) / elapsed:>8.1f}/s  "
+            f"p50 {q[49] * 1000:6.2f} ms  p90 {q[89] * 1000:6.2f} ms  "
+            f"p99 {q[98] * 1000:6.2f} ms  max {lat[-1] * 1000:7.2f} ms  "
+            f"denied {self.denied}  timeouts {self.timeouts}"
+        )
+
+
+class SimGateClient:
+    """A bare-protocol gate: publishes scans, waits for the command answering each one."""
+
+    def __init__(self, broker_url: str, gate_id: str, direction: Direction) -> None:
+        self.gate_id = gate_id
+        self.direction = direction
+        self.transport = MqttTransport(parse_broker_url(broker_url), f"bench-{gate_id}")
+        self.waiting: dict[str, asyncio.Future[GateCommand]] = {}
+        self.seq = 0
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.transport.subscribe(gate_topic(LOT, self.gate_id, TopicKind.COMMANDS))
+        await self.transport.start()
+        if not await self.transport.wait_connected(10):
+            raise RuntimeError("cannot connect to the broker")
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for message in self.transport.messages():
+            command = decode(message.payload)
+            if isinstance(command, GateCommand) and command.event_id in self.waiting:
+                self.waiting.pop(command.event_id).set_result(command)
+
+    async def scan(self, code: str) -> tuple[float, GateCommand | None]:
+        self.seq += 1
+        event = ScanEvent(
+            event_id=new_id(),
+            lot_id=LOT,
+            gate_id=self.gate_id,
+            seq=self.seq,
+            boot=1,
+            direction=self.direction,
+            code=code,
+            scanned_at=datetime.now(UTC),
+        )
+        future: asyncio.Future[GateCommand] = asyncio.get_running_loop().create_future()
+        self.waiting[event.event_id] = future
+        started = time.perf_counter()
+        await self.transport.publish(
+            gate_topic(LOT, self.gate_id, TopicKind.EVENTS), encode(event), qos=1
+        )
+        try:
+            command = await asyncio.wait_for(future, 5)
+        except TimeoutError:
+            self.waiting.pop(event.event_id, None)
+            return time.perf_counter() - started, None
+        return time.perf_counter() - started, command
+
+    async def close(self) -> None:
+        if self._reader:
+            self._reader.cancel()
+        await self.transport.close()
+
+
+async def run_lanes(
+    broker_url: str, key_file: Path, lanes: int, seconds: float, rate: float
+) -> tuple[Stats, float]:
+    ring = load_or_create_keys(key_file)
+    key = ring.active
+    stats = Stats()
+    rng = random.Random(7)
+    clients = [
+        (
+            SimGateClient(broker_url, f"in{i}", Direction.ENTRY),
+            SimGateClient(broker_url, f"out{i}", Direction.EXIT),
+        )
+        for i in range(lanes)
+    ]
+    for pair in clients:
+        for client in pair:
+            await client.start()
+    stop_at = time.perf_counter() + seconds
+    interval = 0 if rate <= 0 else 1 / rate
+
+    async def lane(i: int, entry: SimGateClient, exit_: SimGateClient) -> None:
+        account = f"acct{i}"
+        if interval:
+            # Lanes are independent: start each at a random phase, not in lock-step bursts.
+            await asyncio.sleep(rng.uniform(0, interval))
+        while time.perf_counter() < stop_at:
+            for gate in (entry, exit_):
+                tick = time.perf_counter()
+                code = issue_code(
+                    key.private_key, kid=key.kid, account_id=account, now=datetime.now(UTC)
+                )
+                latency, command = await gate.scan(code)
+                if command is None:
+                    stats.timeouts += 1
+                else:
+                    stats.latencies.append(latency)
+                    if command.action is GateAction.DENY:
+                        stats.denied += 1
+                if interval:
+                    await asyncio.sleep(max(0.0, interval - (time.perf_counter() - tick)))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(lane(i, a, b) for i, (a, b) in enumerate(clients)))
+    elapsed = time.perf_counter() - started
+    for pair in clients:
+        for client in pair:
+            await client.close()
+    return stats, elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gates", type=int, default=50, help="gates in the concurrent run")
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--rate", type=float, default=2.0, help="events/s per gate (concurrent)")
+    parser.add_argument("--database-url", default=None)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="qrpark-bench-"))
+    broker = MosquittoProcess().start()
+    port = free_port()
+    lanes = max(1, args.gates // 2)
+    env = {
+        **os.environ,
+        "QRPARK_DATABASE_URL": args.database_url or f"sqlite:///{work}/bench.db",
+        "QRPARK_MQTT_URL": broker.url,
+        "QRPARK_MQTT_CLIENT_ID": "bench-central",
+        "QRPARK_KEY_FILE": str(work / "keys" / "signing.pem"),
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "server", "--port", str(port), "--log-level", "WARNING",
+         "--no-access-log"],
+        env=env,
+    )
+    try:
+        for _ in range(300):
+            if port_open("127.0.0.1", port):
+                break
+            time.sleep(0.1)
+        base = f"http://127.0.0.1:{port}"
+        api(
+            base,
+            "POST",
+            "/api/v1/lots",
+            {
+                "lot_id": LOT,
+                "name": "Bench",
+                "capacity": 100_000,
+                "tariff": {
+                    "grace_minutes": 0,
+                    "hourly_minor": 500,
+                    "daily_cap_minor": 6000,
+                    "currency": "CNY",
+                },
+            },
+        )
+        for i in range(lanes):
+            api(
+                base,
+                "POST",
+                f"/api/v1/lots/{LOT}/gates",
+                {"gate_id": f"in{i}", "direction": "entry"},
+            )
+            api(
+                base,
+                "POST",
+                f"/api/v1/lots/{LOT}/gates",
+                {"gate_id": f"out{i}", "direction": "exit"},
+            )
+            api(base, "POST", "/api/v1/accounts", {"account_id": f"acct{i}", "name": f"Driver {i}"})
+            api(
+                base,
+                "POST",
+                f"/api/v1/accounts/acct{i}/topups",
+                {"amount_minor": 10_000_000},
+                **{"Idempotency-Key": f"bench-topup-{i}"},
+            )
+        key_file = Path(env["QRPARK_KEY_FILE"])
+        db = "PostgreSQL" if args.database_url else "SQLite"
+        print(f"central service on {db}, Mosquitto with TCP_NODELAY, {work}")
+        one, t1 = asyncio.run(run_lanes(broker.url, key_file, 1, min(args.seconds, 10), 0))
+        print(one.line("1 lane, sequential", t1))
+        many, t2 = asyncio.run(run_lanes(broker.url, key_file, lanes, args.seconds, args.rate))
+        print(many.line(f"{lanes * 2} gates @ {args.rate}/s each", t2))
+        return 0 if one.latencies and many.latencies else 1
+    finally:
+        server.terminate()
+        server.wait(10)
+        broker.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""A simulated camera: renders whatever code the scene holds up into real camera frames.
+
+:class:`SimCamera` implements :class:`~gateway_firmware.hardware.interfaces.Camera`, so the
+gateway's real scan loop and real decoder run against it. The scene is a callable returning
+the code text in view (or ``None``), or any object with a ``code_in_view()`` method such as
+:class:`~sim_devices.scene.LaneScene`.
+
+>>> from sim_devices.scene import LaneScene
+>>> scene = LaneScene()
+>>> camera = SimCamera(scene, frame_interval=0)
+>>> scene.show_code("QP1.k1.alice")
+>>> frame = camera.read()   # a 640x480 frame with the code on a phone screen
+>>> camera.fail_next(1)     # the next read raises CameraError, the one after recovers
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from gateway_firmware.hardware.interfaces import CameraError, Frame
+from sim_devices.render import CLEAN, FrameVariant, random_variant, render_frame
+
+__all__ = ["SceneView", "SimCamera"]
+
+
+@runtime_checkable
+class SceneView(Protocol):
+    """What the camera looks at: the code text held up to it, or ``None``."""
+
+    def code_in_view(self) -> str | None: ...
+
+
+Scene = Callable[[], str | None] | SceneView
+
+
+class SimCamera:
+    """Renders the scene's code text into frames, paced like a real camera.
+
+    * ``variant``: how every frame looks (default :data:`~sim_devices.render.CLEAN`).
+    * ``rng``: with no ``variant``, each time a new text comes into view a
+      :func:`~sim_devices.render.random_variant` is drawn from it (a driver holds a phone
+      up a bit differently every time); also seeds textures and noise. Seed it for
+      reproducible frames.
+    * ``per_frame``: render every frame afresh (new noise, placement and, with ``rng`` and
+      no ``variant``, a new random variant) instead of re-serving the frame cached for the
+      unchanged (text, variant); costs ~3 ms a frame.
+    * ``frame_interval``: seconds between frames; :meth:`read` sleeps until the next frame
+      is due, like a camera at that frame rate. ``0`` never sleeps (tests).
+
+    Fault injection: :meth:`fail_next` makes the next ``n`` reads raise
+    :class:`CameraError`; :meth:`set_failed` keeps failing until cleared (an unplugged
+    camera). Reads may come from a worker thread while the scene changes elsewhere.
+    """
+
+    def __init__(
+        self,
+        scene: Scene,
+        *,
+        variant: FrameVariant | None = None,
+        rng: np.random.Generator | None = None,
+        per_frame: bool = False,
+        frame_interval: float = 1 / 15,
+    ) -> None:
+        if frame_interval < 0:
+            raise ValueError("frame_interval must not be negative")
+        self._view: Callable[[], str | None] = (
+            scene.code_in_view if isinstance(scene, SceneView) else scene
+        )
+        self._fixed_variant = variant
+        self._random_variants = variant is None and rng is not None
+        self._rng = rng if rng is not None else np.random.default_rng()
+        self._per_frame = per_frame
+        self.frame_interval = frame_interval
+        self._lock = threading.Lock()
+        self._next_due = time.monotonic()
+        self._cached: tuple[str | None, FrameVariant, Frame] | None = None
+        self._fail_count = 0
+        self._failed = False
+        self._closed = False
+        self.frames_read = 0
+        self.renders = 0
+
+    # -- fault injection -------------------------------------------------------------
+    def fail_next(self, n: int = 1) -> None:
+        """The next ``n`` reads raise :class:`CameraError` (a glitch), then reads recover."""
+        if n < 0:
+            raise ValueError("n must not be negative")
+        with self._lock:
+            self._fail_count = n
+
+    def set_failed(self, failed: bool = True) -> None:
+        """While set, every read raises :class:`CameraError` (an unplugged camera)."""
+        with self._lock:
+            self._failed = failed
+
+    # -- Camera ----------------------------------------------------------------------
+    def read(self) -> Frame | None:
+        self._wait_for_frame()
+        text = self._view()
+        with self._lock:
+            if self._closed:
+                raise CameraError("simulated camera is closed")
+            if self._failed:
+                raise CameraError("simulated camera failure (set_failed)")
+            if self._fail_count > 0:
+                self._fail_count -= 1
+                raise CameraError("simulated camera glitch (fail_next)")
+            frame = self._frame_for(text)
+            self.frames_read += 1
+        # A copy costs ~20 us; callers may draw on their frame as on a real camera's.
+        return frame.copy()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._cached = None
+
+    # -- internals -------------------------------------------------------------------
+    def _wait_for_frame(self) -> None:
+        if self.frame_interval <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            due = max(self._next_due, now)
+            # A reader that fell behind gets the next frame now, not a burst of old ones.
+            self._next_due = due + self.frame_interval
+        if due > now:
+            time.sleep(due - now)
+
+    def _frame_for(self, text: str | None) -> Frame:
+        cached = self._cached
+        if cached is not None and not self._per_frame and cached[0] == text:
+            variant = cached[1]
+            if self._fixed_variant is None or self._fixed_variant == variant:
+                return cached[2]
+        if self._fixed_variant is not None:
+            variant = self._fixed_variant
+        elif self._random_variants:
+            variant = random_variant(self._rng)
+        else:
+            variant = CLEAN
+        frame = render_frame(text, variant, self._rng)
+        self.renders += 1
+        self._cached = (text, variant, frame)
+        return frame
+
+    def __repr__(self) -> str:
+        return f"SimCamera(variant={self._fixed_variant}, frame_interval={self.frame_interval})"
