@@ -118,7 +118,7 @@ class GateCommand(_Message):
 
     type: Literal["command"] = "command"
     command_id: MessageId
-    event_id: MessageId | None
+    event_id: MessageId | None = None
     lot_id: LotId
     gate_id: GateId
     action: GateAction

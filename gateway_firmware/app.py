@@ -1,0 +1,578 @@
+"""The composition root: build a lane controller from settings, hardware, a transport and a clock.
+
+The scan loop reads the camera and decodes frames in worker threads (``asyncio.to_thread``)
+so the event loop stays responsive; codes go through the debouncer into the pure
+:class:`~gateway_firmware.core.lane.Lane`, whose actions this module carries out: write the
+event to the outbox and publish it, open/close the barrier, show text, reply to commands.
+Deadlines are checked by a periodic tick against ``clock.now()``, so a test's FakeClock
+drives timeouts deterministically.
+
+>>> # gateway = build_gateway(settings, hardware=real_hardware(settings),
+>>> #     transport=make_transport(settings, boot=outbox.boot), clock=SystemClock(), outbox=outbox)
+>>> # await gateway.run()   # until gateway.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from gateway_firmware.config import ConfigError, GatewaySettings
+from gateway_firmware.core.debounce import Debouncer
+from gateway_firmware.core.lane import (
+    IDLE_TEXT,
+    Action,
+    CloseGate,
+    CodeDecoded,
+    CommandReceived,
+    DecisionTimeout,
+    Lane,
+    LaneInput,
+    OpenGate,
+    PresenceChanged,
+    PublishEvent,
+    RecordOffline,
+    SendReply,
+    Show,
+    StartTimer,
+    Tick,
+)
+from gateway_firmware.core.local_verify import LocalVerifier
+from gateway_firmware.hardware.interfaces import (
+    Camera,
+    CameraError,
+    Decoder,
+    Display,
+    Frame,
+    Gate,
+    PresenceDetector,
+)
+from gateway_firmware.uplink.link import Inbound, Uplink, status_will
+from gateway_firmware.uplink.outbox import Outbox
+from parking_protocol.clock import Clock
+from parking_protocol.messages import (
+    CommandOutcome,
+    CommandReply,
+    DenyList,
+    EventAck,
+    GateCommand,
+    GatewayState,
+    GatewayStatus,
+    ScanEvent,
+    new_id,
+)
+from parking_protocol.transport import Transport
+
+__all__ = [
+    "Gateway",
+    "GatewayStats",
+    "Hardware",
+    "LoggingDisplay",
+    "Tuning",
+    "build_gateway",
+    "make_transport",
+    "real_hardware",
+    "status_will",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Hardware:
+    """The devices of one lane. ``presence`` is None when the lane has no vehicle detector.
+
+    ``on_close`` callbacks release resources (GPIO pins) when the gateway shuts down.
+    """
+
+    camera: Camera
+    decoder: Decoder
+    gate: Gate
+    display: Display
+    presence: PresenceDetector | None = None
+    on_close: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.camera.close()
+        for release in self.on_close:
+            try:
+                release()
+            except Exception:
+                log.exception("releasing a device failed")
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Loop timings (real seconds); tests shorten them."""
+
+    tick_s: float = 0.05
+    idle_sleep_s: float = 0.02
+    camera_backoff_initial_s: float = 0.5
+    camera_backoff_max_s: float = 10.0
+
+
+@dataclass
+class GatewayStats:
+    """Counters for tests, logs and the status heartbeat."""
+
+    frames: int = 0
+    decodes: int = 0  # code texts found in frames (before debouncing)
+    decode_errors: int = 0
+    scans: int = 0  # debounced codes handed to the lane
+    events_published: int = 0
+    publish_failures: int = 0
+    events_replayed: int = 0
+    commands_received: int = 0
+    commands_executed: int = 0
+    commands_refused: int = 0
+    acks: int = 0
+    offline_decisions: int = 0
+    denylist_updates: int = 0
+    malformed_messages: int = 0
+    unexpected_messages: int = 0
+    handler_errors: int = 0
+    camera_errors: int = 0
+    hardware_errors: int = 0
+    last_decode_ms: float | None = None
+    fps: float | None = None
+    last_error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LoggingDisplay:
+    """A Display that writes what the driver would read to the log (a headless lane)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def show(self, text: str) -> None:
+        self.text = text
+        log.info("display: %s", text)
+
+
+class Gateway:
+    """One running lane controller. Build it with :func:`build_gateway`."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        hardware: Hardware,
+        transport: Transport,
+        clock: Clock,
+        outbox: Outbox,
+        lane: Lane,
+        debouncer: Debouncer,
+        tuning: Tuning,
+    ) -> None:
+        self.settings = settings
+        self.hardware = hardware
+        self.clock = clock
+        self.outbox = outbox
+        self.lane = lane
+        self.verifier = lane.verifier
+        self.debouncer = debouncer
+        self.tuning = tuning
+        self._stats = GatewayStats()
+        self.uplink = Uplink(
+            transport,
+            lot_id=settings.lot_id,
+            gate_id=settings.gate_id,
+            birth_status=lambda: self.status(GatewayState.ONLINE),
+        )
+        self.started = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._present: bool | None = None
+        self._last_frame_at: float | None = None
+
+    @property
+    def stats(self) -> GatewayStats:
+        """Live counters (the uplink's decode failures included)."""
+        self._stats.malformed_messages = self.uplink.malformed.total()
+        self._stats.unexpected_messages = self.uplink.unexpected
+        return self._stats
+
+    @property
+    def boot(self) -> int:
+        return self.outbox.boot
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Run until :meth:`stop`; survives camera errors, bad messages and broker outages."""
+        self._stopping.clear()
+        self._apply([Show(IDLE_TEXT)])
+        await self.uplink.start()
+        loops = [
+            self._scan_loop(),
+            self._inbound_loop(),
+            self._tick_loop(),
+            self._replay_loop(),
+            self._heartbeat_loop(),
+        ]
+        tasks = [asyncio.create_task(loop) for loop in loops]
+        self.started.set()
+        log.info(
+            "gateway %s/%s (%s) started, boot %d",
+            self.settings.lot_id,
+            self.settings.gate_id,
+            self.settings.direction.value,
+            self.boot,
+        )
+        try:
+            await self._stopping.wait()
+        finally:
+            for task in [*tasks, *self._tasks]:
+                task.cancel()
+            await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
+            self._tasks.clear()
+            with contextlib.suppress(Exception):
+                await self.uplink.close(self.status(GatewayState.OFFLINE))
+            self.started.clear()
+            log.info("gateway stopped")
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish (safe from a signal handler on the loop)."""
+        self._stopping.set()
+
+    def close(self) -> None:
+        """Release the outbox and the devices after :meth:`run` has returned."""
+        self.outbox.close()
+        self.hardware.close()
+
+    # -- status ----------------------------------------------------------------------------------
+    def status(self, state: GatewayState = GatewayState.ONLINE) -> GatewayStatus:
+        last_error = self.stats.last_error
+        return GatewayStatus(
+            status_id=new_id(),
+            lot_id=self.settings.lot_id,
+            gate_id=self.settings.gate_id,
+            state=state,
+            direction=self.settings.direction,
+            firmware_version=self.settings.firmware_version,
+            boot=self.boot,
+            sent_at=self.clock.now(),
+            queue_depth=self.outbox.depth,
+            camera_fps=None if self.stats.fps is None else round(self.stats.fps, 2),
+            last_decode_ms=(
+                None if self.stats.last_decode_ms is None else round(self.stats.last_decode_ms, 2)
+            ),
+            last_error=None if last_error is None else last_error[:200],
+        )
+
+    async def publish_status(self) -> bool:
+        return await self.uplink.publish_status(self.status())
+
+    # -- feeding the lane --------------------------------------------------------------------------
+    def feed(self, event: LaneInput) -> list[Action]:
+        """Hand one input to the lane at ``clock.now()`` and carry out its actions."""
+        actions = self.lane.handle(event, self.clock.now())
+        if isinstance(event, CommandReceived):
+            reply = next(
+                (
+                    a
+                    for a in actions
+                    if isinstance(a, SendReply) and a.command_id == event.command.command_id
+                ),
+                None,
+            )
+            if reply is not None and reply.outcome in (
+                CommandOutcome.REJECTED,
+                CommandOutcome.EXPIRED,
+            ):
+                self.stats.commands_refused += 1
+                log.info("refused command %s: %s", event.command.command_id, reply.detail)
+            else:
+                self.stats.commands_executed += 1
+        self._apply(actions)
+        return actions
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            match action:
+                case PublishEvent():
+                    event = self.outbox.add(functools.partial(self._event, action))
+                    self._spawn(self._publish_new(event))
+                case RecordOffline(event_id, decision):
+                    self.stats.offline_decisions += 1
+                    self.outbox.set_offline(event_id, decision)
+                    log.info(
+                        "offline decision for %s: %s (%s)",
+                        event_id,
+                        decision.action.value,
+                        decision.reason.value,
+                    )
+                case OpenGate():
+                    self._device("gate.open", self.hardware.gate.open)
+                case CloseGate():
+                    self._device("gate.close", self.hardware.gate.close)
+                case Show(text):
+                    self._device(
+                        "display.show", functools.partial(self.hardware.display.show, text)
+                    )
+                case StartTimer():
+                    pass  # the tick loop checks the lane's deadlines
+                case SendReply():
+                    self._spawn(self._reply(action))
+
+    def _event(self, action: PublishEvent, seq: int, boot: int) -> ScanEvent:
+        return ScanEvent(
+            event_id=action.event_id,
+            lot_id=self.settings.lot_id,
+            gate_id=self.settings.gate_id,
+            seq=seq,
+            boot=boot,
+            direction=self.settings.direction,
+            code=action.code,
+            scanned_at=action.scanned_at,
+        )
+
+    def _device(self, what: str, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except Exception as exc:
+            self.stats.hardware_errors += 1
+            self.stats.last_error = f"{what}: {exc}"
+            log.exception("%s failed", what)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish_new(self, event: ScanEvent) -> None:
+        if await self.uplink.publish_event(event):
+            self.stats.events_published += 1
+            self.outbox.mark_published(event.event_id)
+            return
+        # No answer can come while the link is down: decide now instead of making the
+        # driver wait for the timeout. The event stays in the outbox for the replay.
+        self.stats.publish_failures += 1
+        self.feed(DecisionTimeout(event.event_id))
+
+    async def _reply(self, action: SendReply) -> None:
+        reply = CommandReply(
+            reply_id=new_id(),
+            command_id=action.command_id,
+            lot_id=self.settings.lot_id,
+            gate_id=self.settings.gate_id,
+            outcome=action.outcome,
+            detail=action.detail,
+            at=self.clock.now(),
+        )
+        if not await self.uplink.publish_reply(reply):
+            log.info("reply to %s not sent (offline)", action.command_id)
+
+    # -- loops -------------------------------------------------------------------------------
+    async def _scan_loop(self) -> None:
+        camera, decoder = self.hardware.camera, self.hardware.decoder
+        backoff = self.tuning.camera_backoff_initial_s
+        while True:
+            try:
+                frame = await asyncio.to_thread(camera.read)
+            except CameraError as exc:
+                self.stats.camera_errors += 1
+                self.stats.last_error = f"camera: {exc}"
+                log.warning("camera error (retry in %.1fs): %s", backoff, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(self.tuning.camera_backoff_max_s, backoff * 2)
+                continue
+            backoff = self.tuning.camera_backoff_initial_s
+            if frame is None:
+                await asyncio.sleep(self.tuning.idle_sleep_s)
+                continue
+            self._count_frame()
+            texts = await self._decode(decoder, frame)
+            for text in texts:
+                if self.debouncer.accept(text, self.clock.now()):
+                    self.stats.scans += 1
+                    self.feed(CodeDecoded(text))
+
+    async def _decode(self, decoder: Decoder, frame: Frame) -> list[str]:
+        started = time.perf_counter()
+        try:
+            texts = await asyncio.to_thread(decoder.decode, frame)
+        except Exception as exc:
+            self.stats.decode_errors += 1
+            self.stats.last_error = f"decoder: {exc}"
+            log.exception("decoder %s failed", getattr(decoder, "name", "?"))
+            return []
+        self.stats.last_decode_ms = (time.perf_counter() - started) * 1000
+        self.stats.decodes += len(texts)
+        return texts
+
+    def _count_frame(self) -> None:
+        self.stats.frames += 1
+        now = time.monotonic()
+        if self._last_frame_at is not None and now > self._last_frame_at:
+            instant = 1.0 / (now - self._last_frame_at)
+            fps = self.stats.fps
+            self.stats.fps = instant if fps is None else 0.9 * fps + 0.1 * instant
+        self._last_frame_at = now
+
+    async def _inbound_loop(self) -> None:
+        async for message in self.uplink.inbound():
+            try:
+                self.on_message(message)
+            except Exception:
+                self.stats.handler_errors += 1
+                log.exception("handling %s failed", type(message).__name__)
+        # messages() only ends if the transport does; stop() cancels this task.
+
+    def on_message(self, message: Inbound) -> None:
+        """Handle one decoded message addressed to this gateway."""
+        match message:
+            case GateCommand():
+                self.stats.commands_received += 1
+                if message.event_id is not None:
+                    self.outbox.remove(message.event_id)
+                self.feed(CommandReceived(message))
+            case EventAck():
+                self.stats.acks += 1
+                self.outbox.remove(message.event_id)
+            case DenyList():
+                self.stats.denylist_updates += 1
+                self.verifier.update_denylist(message.accounts)
+                log.info("deny-list %s: %d accounts", message.list_id, len(message.accounts))
+
+    async def _tick_loop(self) -> None:
+        presence = self.hardware.presence
+        while True:
+            if presence is not None:
+                try:
+                    present = bool(presence.vehicle_present)
+                except Exception as exc:
+                    self.stats.hardware_errors += 1
+                    self.stats.last_error = f"presence: {exc}"
+                    present = True  # unknown: assume a vehicle, so the barrier stays put
+                if present != self._present:
+                    self._present = present
+                    self.feed(PresenceChanged(present))
+            self.feed(Tick())
+            await asyncio.sleep(self.tuning.tick_s)
+
+    async def _replay_loop(self) -> None:
+        while True:
+            await self.uplink.reconnected.wait()
+            self.uplink.reconnected.clear()
+            await self.replay()
+
+    async def replay(self) -> int:
+        """Publish every unanswered event in order; stop at the first failure."""
+        sent = 0
+        for event in self.outbox.pending():
+            if self.lane.awaiting_event_id == event.event_id:
+                continue  # just published live; its answer is on its way
+            if not await self.uplink.publish_event(event):
+                break
+            self.outbox.mark_published(event.event_id)
+            sent += 1
+        self.stats.events_replayed += sent
+        if sent:
+            log.info("replayed %d events", sent)
+        return sent
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            if self.uplink.connected:
+                await self.publish_status()
+
+
+def build_gateway(
+    settings: GatewaySettings,
+    *,
+    hardware: Hardware,
+    transport: Transport,
+    clock: Clock,
+    outbox: Outbox | None = None,
+    tuning: Tuning | None = None,
+    id_factory: Callable[[], str] = new_id,
+) -> Gateway:
+    """Wire a lane controller. Pass ``outbox`` when the transport's will needs its boot.
+
+    Raises :class:`ConfigError` when settings and hardware do not fit together.
+    """
+    if settings.scan_only_when_present and hardware.presence is None:
+        raise ConfigError("scan_only_when_present: needs a presence detector (gpio.presence_pin)")
+    timeouts = settings.timeouts
+    verifier = LocalVerifier(
+        settings.verification_keys(),
+        settings.direction,
+        allow=settings.offline.allows(settings.direction),
+        nonce_capacity=settings.nonce_cache_size,
+    )
+    lane = Lane(
+        lot_id=settings.lot_id,
+        gate_id=settings.gate_id,
+        verifier=verifier,
+        decision_timeout=_seconds(timeouts.decision_timeout_s),
+        open_hold=_seconds(timeouts.open_hold_s),
+        scan_only_when_present=settings.scan_only_when_present,
+        id_factory=id_factory,
+    )
+    return Gateway(
+        settings,
+        hardware=hardware,
+        transport=transport,
+        clock=clock,
+        outbox=outbox if outbox is not None else Outbox(settings.outbox_file),
+        lane=lane,
+        debouncer=Debouncer(_seconds(timeouts.debounce_s)),
+        tuning=tuning or Tuning(),
+    )
+
+
+def _seconds(value: float) -> timedelta:
+    return timedelta(seconds=value)
+
+
+def real_hardware(settings: GatewaySettings) -> Hardware:
+    """The Pi's devices: OpenCV camera, the configured decoder, a gpiozero relay and detector."""
+    from gateway_firmware.hardware.camera_opencv import OpenCVCamera
+    from gateway_firmware.hardware.decoders import make_decoder
+    from gateway_firmware.hardware.gpio import GpioPresence, RelayGate
+
+    gpio = settings.gpio
+    gate = RelayGate(
+        gpio.relay_pin,
+        active_high=gpio.relay_active_high,
+        green_led_pin=gpio.green_led_pin,
+        red_led_pin=gpio.red_led_pin,
+    )
+    hardware = Hardware(
+        camera=OpenCVCamera(settings.camera.device, settings.camera.width, settings.camera.height),
+        decoder=make_decoder(settings.decoder),
+        gate=gate,
+        display=LoggingDisplay(),
+        on_close=[gate.release],
+    )
+    if gpio.presence_pin is not None:
+        presence = GpioPresence(gpio.presence_pin, pull_up=gpio.presence_pull_up)
+        hardware.presence = presence
+        hardware.on_close.append(presence.release)
+    return hardware
+
+
+def make_transport(settings: GatewaySettings, *, boot: int, clock: Clock) -> Transport:
+    """The MQTT transport with this gateway's client id, credentials and last will."""
+    from parking_protocol.mqtt import MqttTransport, parse_broker_url
+
+    password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
+    return MqttTransport(
+        parse_broker_url(settings.broker_url),
+        client_id=settings.client_id,
+        will=status_will(settings, boot, now=clock.now()),
+        username=settings.mqtt_username,
+        password=password,
+    )

@@ -1,0 +1,250 @@
+"""Gateway settings: one TOML file per lane, overridable by ``QRPARK_GW_*`` environment variables.
+
+A bad value fails at start with a :class:`ConfigError` that names the field (and its
+environment variable), never later in the scan loop.
+
+>>> # gateway.toml
+>>> # lot_id = "lot1"
+>>> # gate_id = "in1"
+>>> # direction = "entry"
+>>> # hardware = "real"
+>>> # [public_keys]
+>>> # k1 = "Jm8...43 base64url characters..."
+>>> # QRPARK_GW_CAMERA__WIDTH=1280 qrpark-gateway --config gateway.toml
+
+Environment names are ``QRPARK_GW_`` + the field name, nested with ``__``:
+``QRPARK_GW_BROKER_URL``, ``QRPARK_GW_CAMERA__DEVICE``, ``QRPARK_GW_TIMEOUTS__OPEN_HOLD_S``,
+``QRPARK_GW_OFFLINE__ENTRY``, ``QRPARK_GW_PUBLIC_KEYS='{"k1": "..."}'`` (JSON keeps the case
+of key ids; ``QRPARK_GW_PUBLIC_KEYS__K1`` would be lower-cased).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from parking_protocol.qr_token import load_public_key
+from parking_protocol.types import Direction, GateId, LotId
+
+__all__ = [
+    "ENV_PREFIX",
+    "CameraSettings",
+    "ConfigError",
+    "DecoderBackend",
+    "GatewaySettings",
+    "GpioSettings",
+    "HardwareKind",
+    "OfflinePolicy",
+    "TimeoutSettings",
+    "load_settings",
+]
+
+ENV_PREFIX = "QRPARK_GW_"
+FIRMWARE_VERSION = "0.1.0"
+
+DecoderBackend = Literal["auto", "zxing", "pyzbar", "opencv"]
+HardwareKind = Literal["sim", "real"]
+Pin = int | Annotated[str, StringConstraints(min_length=1, max_length=32)]
+PositiveSeconds = Annotated[float, Field(gt=0, le=3600)]
+
+
+class ConfigError(ValueError):
+    """The gateway's configuration is unusable; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CameraSettings(_Section):
+    """Which camera to open and how (``device`` is an index or a path/URL)."""
+
+    device: int | str = 0
+    width: Annotated[int, Field(ge=64, le=4096)] = 640
+    height: Annotated[int, Field(ge=48, le=4096)] = 480
+    fps: Annotated[float, Field(gt=0, le=120)] = 15.0
+
+
+class GpioSettings(_Section):
+    """BCM pin numbers (or gpiozero pin names) of the relay, LEDs and presence loop."""
+
+    relay_pin: Pin = 17
+    relay_active_high: bool = True
+    green_led_pin: Pin | None = None
+    red_led_pin: Pin | None = None
+    # The vehicle detector's dry contact (induction loop / beam); None: no detector.
+    presence_pin: Pin | None = None
+    # True: a dry contact closing to ground (vehicle = pin low); False: vehicle = pin high.
+    presence_pull_up: bool = True
+
+
+class TimeoutSettings(_Section):
+    """How long the lane waits for things."""
+
+    # The central service must answer a scan within this, else the gateway decides offline.
+    decision_timeout_s: PositiveSeconds = 3.0
+    # With a detector: close this long after opening if no vehicle came. Without one: close
+    # this long after opening, always.
+    open_hold_s: PositiveSeconds = 8.0
+    # The same code text seen again within this window is the same scan.
+    debounce_s: PositiveSeconds = 5.0
+
+
+class OfflinePolicy(_Section):
+    """What a lane does when the central service cannot answer in time.
+
+    ``entry = "allow_valid"`` opens for a code that verifies locally (signature, validity
+    window, not used before, account not deny-listed); ``exit = "allow"`` does the same on
+    the way out (a valid code is needed, but nobody is trapped waiting for payment).
+    ``"deny"`` keeps the barrier closed and asks the driver to call the operator.
+    """
+
+    entry: Literal["allow_valid", "deny"] = "allow_valid"
+    exit: Literal["allow", "deny"] = "allow"
+
+    def allows(self, direction: Direction) -> bool:
+        if direction is Direction.ENTRY:
+            return self.entry == "allow_valid"
+        return self.exit == "allow"
+
+
+class GatewaySettings(BaseSettings):
+    """Everything one lane controller needs; built at start by :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    lot_id: LotId
+    gate_id: GateId
+    direction: Direction
+    # "sim" or "real": chosen explicitly, never a silent fallback when hardware is missing.
+    hardware: HardwareKind
+    broker_url: str = "mqtt://127.0.0.1:1883"
+    mqtt_username: str | None = None
+    mqtt_password: SecretStr | None = None
+    # key id -> Ed25519 public key (43 base64url characters or a PEM block).
+    public_keys: dict[str, str]
+    camera: CameraSettings = CameraSettings()
+    decoder: DecoderBackend = "auto"
+    gpio: GpioSettings = GpioSettings()
+    timeouts: TimeoutSettings = TimeoutSettings()
+    offline: OfflinePolicy = OfflinePolicy()
+    # Ignore codes unless the detector reports a vehicle (needs gpio.presence_pin).
+    scan_only_when_present: bool = False
+    heartbeat_s: PositiveSeconds = 30.0
+    nonce_cache_size: Annotated[int, Field(ge=16, le=1_000_000)] = 10_000
+    # Default: ./var/gateway-<lot>-<gate>.db
+    outbox_path: Path | None = None
+    firmware_version: Annotated[str, StringConstraints(max_length=64)] = FIRMWARE_VERSION
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("public_keys")
+    @classmethod
+    def _keys_load(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("at least one public key is needed to verify codes offline")
+        for kid, text in value.items():
+            try:
+                load_public_key(text)
+            except ValueError as exc:
+                raise ValueError(f"key {kid!r}: {exc}") from None
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url_parses(cls, value: str) -> str:
+        parts = urlsplit(value if "://" in value else f"mqtt://{value}")
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError(f"unsupported scheme {parts.scheme!r} (use mqtt:// or mqtts://)")
+        if not parts.hostname:
+            raise ValueError("no host")
+        _ = parts.port  # raises ValueError for a bad port
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments > environment > the TOML file.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    # -- derived values --------------------------------------------------------------------
+    @property
+    def outbox_file(self) -> Path:
+        if self.outbox_path is not None:
+            return self.outbox_path
+        return Path("var") / f"gateway-{self.lot_id}-{self.gate_id}.db"
+
+    @property
+    def client_id(self) -> str:
+        return f"gw-{self.lot_id}-{self.gate_id}"
+
+    @property
+    def has_presence_detector(self) -> bool:
+        return self.gpio.presence_pin is not None
+
+    def verification_keys(self) -> dict[str, Ed25519PublicKey]:
+        return {kid: load_public_key(text) for kid, text in self.public_keys.items()}
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        loc = [str(part) for part in error.get("loc", ())]
+        field = ".".join(loc) or "settings"
+        env = ENV_PREFIX + "__".join(loc[:2]).upper() if loc else ""
+        hint = f" (env {env})" if env else ""
+        lines.append(f"{field}: {error['msg']}{hint}")
+    return "invalid gateway configuration: " + "; ".join(lines)
+
+
+def load_settings(path: str | Path | None, **overrides: Any) -> GatewaySettings:
+    """Read ``path`` (TOML), apply ``QRPARK_GW_*`` overrides, then ``overrides``; validate.
+
+    Raises :class:`ConfigError` naming the file or the field on any problem.
+    """
+    toml_path: Path | None = None
+    if path is not None:
+        toml_path = Path(path)
+        if not toml_path.is_file():
+            raise ConfigError(f"config file {toml_path} does not exist")
+
+    class _FromFile(GatewaySettings):
+        model_config = SettingsConfigDict(toml_file=toml_path)
+
+    _FromFile.__name__ = _FromFile.__qualname__ = "GatewaySettings"
+    try:
+        return _FromFile(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {toml_path} is not valid TOML: {exc}") from None

@@ -1,0 +1,311 @@
+"""The lane as a pure state machine: inputs in, a list of actions out, no IO.
+
+::
+
+    IDLE --code decoded--> AWAITING_DECISION --OPEN command / offline allow--> OPEN
+      ^                        |  deny command / offline deny: show the reason      |
+      |<-----------------------+                                                    |
+      |<---- vehicle passed (detector) or open_hold elapsed, and no vehicle present +
+
+The app feeds :meth:`Lane.handle` an input and the current time and carries out the actions
+it returns (publish, open/close the barrier, show text, reply to a command). Safety rule:
+**the lane never emits CloseGate while the detector reports a vehicle.**
+
+A command is executed only if it answers the event the lane awaits (or is an operator's
+manual open, ``event_id=None``), its deadline has not passed and its ``command_id`` is new;
+anything else gets a rejected/expired reply. Without an answer within the decision timeout
+the lane decides with the local verifier's offline policy and records that decision so the
+event is replayed with ``offline`` set.
+
+>>> # lane = Lane(lot_id="lot1", gate_id="in1", verifier=verifier, ...)
+>>> # lane.handle(CodeDecoded("QP1..."), now)
+>>> # [PublishEvent(event_id='...', code='QP1...', scanned_at=...), Show(text='Checking...'), ...]
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from gateway_firmware.core.local_verify import LocalVerifier, offline_display_text
+from parking_protocol.messages import CommandOutcome, GateCommand, OfflineDecision, new_id
+from parking_protocol.types import GateAction
+
+__all__ = [
+    "CHECKING_TEXT",
+    "IDLE_TEXT",
+    "Action",
+    "CloseGate",
+    "CodeDecoded",
+    "CommandReceived",
+    "DecisionTimeout",
+    "Lane",
+    "LaneInput",
+    "LaneState",
+    "OpenGate",
+    "PresenceChanged",
+    "PublishEvent",
+    "RecordOffline",
+    "SendReply",
+    "Show",
+    "StartTimer",
+    "Tick",
+    "TimerKind",
+]
+
+IDLE_TEXT = "Show your parking code"
+CHECKING_TEXT = "Checking..."
+
+
+class LaneState(StrEnum):
+    IDLE = "idle"
+    AWAITING_DECISION = "awaiting_decision"
+    OPEN = "open"
+
+
+class TimerKind(StrEnum):
+    DECISION = "decision"
+    HOLD_OPEN = "hold_open"
+
+
+# -- inputs ------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class CodeDecoded:
+    """A (debounced) code text read by the camera."""
+
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommandReceived:
+    command: GateCommand
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionTimeout:
+    """No decision will come for ``event_id`` (timer fired, or the uplink is down)."""
+
+    event_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceChanged:
+    present: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed: deadlines (decision, hold open) are checked against ``now``."""
+
+
+LaneInput = CodeDecoded | CommandReceived | DecisionTimeout | PresenceChanged | Tick
+
+
+# -- actions -----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class PublishEvent:
+    """Persist to the outbox, then publish a ScanEvent (the app assigns seq and boot)."""
+
+    event_id: str
+    code: str
+    scanned_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RecordOffline:
+    """The lane decided ``event_id`` itself: replay it with ``offline=decision``."""
+
+    event_id: str
+    decision: OfflineDecision
+
+
+@dataclass(frozen=True, slots=True)
+class OpenGate:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class CloseGate:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Show:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartTimer:
+    """A deadline the lane will act on at the first :class:`Tick` at or after ``at``."""
+
+    kind: TimerKind
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SendReply:
+    command_id: str
+    outcome: CommandOutcome
+    detail: str = ""
+
+
+Action = PublishEvent | RecordOffline | OpenGate | CloseGate | Show | StartTimer | SendReply
+
+
+@dataclass(frozen=True, slots=True)
+class _Awaiting:
+    event_id: str
+    code: str
+    deadline: datetime
+
+
+class Lane:
+    """One lane's decisions. Not thread-safe: the app feeds it from one event loop."""
+
+    def __init__(
+        self,
+        *,
+        lot_id: str,
+        gate_id: str,
+        verifier: LocalVerifier,
+        decision_timeout: timedelta,
+        open_hold: timedelta,
+        scan_only_when_present: bool = False,
+        id_factory: Callable[[], str] = new_id,
+        seen_commands: int = 1024,
+    ) -> None:
+        self.lot_id = lot_id
+        self.gate_id = gate_id
+        self.verifier = verifier
+        self.decision_timeout = decision_timeout
+        self.open_hold = open_hold
+        self.scan_only_when_present = scan_only_when_present
+        self._new_id = id_factory
+        self._seen_capacity = seen_commands
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self.state = LaneState.IDLE
+        self.vehicle_present = False
+        self._awaiting: _Awaiting | None = None
+        self._open_until: datetime | None = None
+        self._vehicle_seen_while_open = False
+        self._opened_by: str | None = None
+
+    @property
+    def awaiting_event_id(self) -> str | None:
+        return self._awaiting.event_id if self._awaiting else None
+
+    def handle(self, event: LaneInput, now: datetime) -> list[Action]:
+        """Advance the machine by one input at ``now``; return what to do."""
+        match event:
+            case CodeDecoded(code):
+                return self._on_code(code, now)
+            case CommandReceived(command):
+                return self._on_command(command, now)
+            case DecisionTimeout(event_id):
+                if self._awaiting is not None and self._awaiting.event_id == event_id:
+                    return self._decide_offline(now)
+                return []
+            case PresenceChanged(present):
+                return self._on_presence(present, now)
+            case Tick():
+                return self._on_tick(now)
+
+    # -- transitions -----------------------------------------------------------------------
+    def _on_code(self, code: str, now: datetime) -> list[Action]:
+        if self.state is not LaneState.IDLE:
+            return []  # one vehicle at a time; the code is read again later if still shown
+        if self.scan_only_when_present and not self.vehicle_present:
+            return []
+        deadline = now + self.decision_timeout
+        self._awaiting = _Awaiting(self._new_id(), code, deadline)
+        self.state = LaneState.AWAITING_DECISION
+        return [
+            PublishEvent(self._awaiting.event_id, code, now),
+            Show(CHECKING_TEXT),
+            StartTimer(TimerKind.DECISION, deadline),
+        ]
+
+    def _on_command(self, command: GateCommand, now: datetime) -> list[Action]:
+        cid = command.command_id
+        if (command.lot_id, command.gate_id) != (self.lot_id, self.gate_id):
+            return [SendReply(cid, CommandOutcome.REJECTED, "command for another gate")]
+        if cid in self._seen:
+            return [SendReply(cid, CommandOutcome.REJECTED, "duplicate command")]
+        self._seen[cid] = None
+        if len(self._seen) > self._seen_capacity:
+            self._seen.popitem(last=False)
+        if now > command.deadline:
+            return [SendReply(cid, CommandOutcome.EXPIRED, "deadline passed")]
+        if command.event_id is None:  # operator's manual command
+            if command.action is GateAction.OPEN:
+                self._awaiting = None  # a later answer to that scan is refused
+                opened = self._open(now, command.display, cid)
+                return [*opened, SendReply(cid, CommandOutcome.ACCEPTED)]
+            return [Show(command.display), SendReply(cid, CommandOutcome.DONE)]
+        awaiting = self._awaiting
+        if awaiting is None or awaiting.event_id != command.event_id:
+            return [SendReply(cid, CommandOutcome.REJECTED, "not awaiting this event")]
+        self._awaiting = None
+        self.verifier.remember(awaiting.code, now)
+        if command.action is GateAction.OPEN:
+            return [*self._open(now, command.display, cid), SendReply(cid, CommandOutcome.ACCEPTED)]
+        self.state = LaneState.IDLE
+        return [Show(command.display), SendReply(cid, CommandOutcome.DONE)]
+
+    def _on_presence(self, present: bool, now: datetime) -> list[Action]:
+        self.vehicle_present = present
+        if self.state is not LaneState.OPEN:
+            return []
+        if present:
+            self._vehicle_seen_while_open = True
+            return []
+        if self._vehicle_seen_while_open:  # the vehicle has passed
+            return self._close()
+        return self._on_tick(now)
+
+    def _on_tick(self, now: datetime) -> list[Action]:
+        awaiting, open_until = self._awaiting, self._open_until
+        if self.state is LaneState.AWAITING_DECISION and awaiting and now >= awaiting.deadline:
+            return self._decide_offline(now)
+        if self.state is LaneState.OPEN and open_until is not None and now >= open_until:
+            return self._close()
+        return []
+
+    def _decide_offline(self, now: datetime) -> list[Action]:
+        awaiting = self._awaiting
+        if awaiting is None:
+            return []
+        self._awaiting = None
+        decision = self.verifier.decide(awaiting.code, now)
+        text = offline_display_text(decision, self.verifier.direction)
+        actions: list[Action] = [RecordOffline(awaiting.event_id, decision)]
+        if decision.action is GateAction.OPEN:
+            return actions + self._open(now, text, None)
+        self.state = LaneState.IDLE
+        return [*actions, Show(text)]
+
+    def _open(self, now: datetime, text: str, command_id: str | None) -> list[Action]:
+        was_open = self.state is LaneState.OPEN
+        self.state = LaneState.OPEN
+        self._open_until = now + self.open_hold
+        self._vehicle_seen_while_open = self.vehicle_present or (
+            was_open and self._vehicle_seen_while_open
+        )
+        self._opened_by = command_id
+        actions: list[Action] = [] if was_open else [OpenGate()]
+        return [*actions, Show(text), StartTimer(TimerKind.HOLD_OPEN, self._open_until)]
+
+    def _close(self) -> list[Action]:
+        if self.vehicle_present:  # the safety rule, whatever led here
+            return []
+        self.state = LaneState.IDLE
+        self._open_until = None
+        self._vehicle_seen_while_open = False
+        actions: list[Action] = [CloseGate(), Show(IDLE_TEXT)]
+        if self._opened_by is not None:
+            actions.append(SendReply(self._opened_by, CommandOutcome.DONE, "closed"))
+            self._opened_by = None
+        return actions

@@ -1,0 +1,154 @@
+"""A durable outbox for scan events (SQLite, WAL, synchronous=FULL).
+
+Every ScanEvent is written here BEFORE its first publish and stays until the central service
+answers it (a GateCommand or an EventAck naming its ``event_id``), so a power cut or a broker
+outage loses nothing: on reconnect :meth:`Outbox.pending` is replayed in order. The same
+database keeps the gateway's boot counter (incremented at every open) and its event
+sequence number, which is monotonic across restarts.
+
+>>> from datetime import UTC, datetime
+>>> from parking_protocol.types import Direction
+>>> box = Outbox(":memory:")
+>>> event = box.add(lambda seq, boot: ScanEvent(event_id="e-000001", lot_id="lot1",
+...     gate_id="in1", seq=seq, boot=boot, direction=Direction.ENTRY, code="QP1.x",
+...     scanned_at=datetime(2026, 1, 1, tzinfo=UTC)))
+>>> (event.seq, event.boot, box.depth)
+(1, 1, 1)
+>>> box.remove("e-000001"), box.depth
+(True, 0)
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+from parking_protocol.messages import OfflineDecision, ScanEvent, decode, encode
+
+__all__ = ["Outbox"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL UNIQUE,
+    payload BLOB NOT NULL,
+    offline INTEGER NOT NULL DEFAULT 0,
+    publishes INTEGER NOT NULL DEFAULT 0
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('boot', 0), ('seq', 0);
+"""
+
+
+class Outbox:
+    """The gateway's durable queue of unanswered events (one per gateway; one thread)."""
+
+    def __init__(self, path: str | Path) -> None:
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._conn = sqlite3.connect(str(path), isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(_SCHEMA)
+        with self._transaction():
+            self.boot: int = self._bump("boot")
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writes --------------------------------------------------------------------------------
+    def add(self, build: Callable[[int, int], ScanEvent]) -> ScanEvent:
+        """Allocate the next seq, build the event with ``(seq, boot)`` and store it durably."""
+        with self._transaction():
+            seq = self._bump("seq")
+            event = build(seq, self.boot)
+            if event.seq != seq or event.boot != self.boot:
+                raise ValueError("the event must carry the seq and boot the outbox allocated")
+            self._conn.execute(
+                "INSERT INTO outbox (seq, event_id, payload, offline) VALUES (?, ?, ?, ?)",
+                (seq, event.event_id, encode(event), int(event.offline is not None)),
+            )
+        return event
+
+    def set_offline(self, event_id: str, decision: OfflineDecision) -> ScanEvent | None:
+        """Attach the lane's own decision, so the replay tells the server what happened."""
+        with self._transaction():
+            event = self._get(event_id)
+            if event is None:
+                return None
+            event = event.model_copy(update={"offline": decision})
+            self._conn.execute(
+                "UPDATE outbox SET payload = ?, offline = 1 WHERE event_id = ?",
+                (encode(event), event_id),
+            )
+        return event
+
+    def mark_published(self, event_id: str) -> None:
+        self._conn.execute(
+            "UPDATE outbox SET publishes = publishes + 1 WHERE event_id = ?", (event_id,)
+        )
+
+    def remove(self, event_id: str) -> bool:
+        """The server answered ``event_id``: forget it. False when it was not pending."""
+        cursor = self._conn.execute("DELETE FROM outbox WHERE event_id = ?", (event_id,))
+        return cursor.rowcount > 0
+
+    # -- reads ---------------------------------------------------------------------------------
+    def get(self, event_id: str) -> ScanEvent | None:
+        return self._get(event_id)
+
+    def pending(self) -> list[ScanEvent]:
+        """Unanswered events in sequence order (the replay order)."""
+        rows = self._conn.execute("SELECT payload FROM outbox ORDER BY seq").fetchall()
+        return [decode(row[0], ScanEvent) for row in rows]
+
+    @property
+    def depth(self) -> int:
+        (count,) = self._conn.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        return int(count)
+
+    def __len__(self) -> int:
+        return self.depth
+
+    @property
+    def last_seq(self) -> int:
+        (value,) = self._conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()
+        return int(value)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _get(self, event_id: str) -> ScanEvent | None:
+        row = self._conn.execute(
+            "SELECT payload FROM outbox WHERE event_id = ?", (event_id,)
+        ).fetchone()
+        return None if row is None else decode(row[0], ScanEvent)
+
+    def _bump(self, key: str) -> int:
+        (value,) = self._conn.execute(
+            "UPDATE meta SET value = value + 1 WHERE key = ? RETURNING value", (key,)
+        ).fetchone()
+        return int(value)
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._conn)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error) on an autocommit connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self._conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")

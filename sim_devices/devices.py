@@ -1,0 +1,254 @@
+"""Simulated lane devices that record what happened, gpiozero-mock style.
+
+Each device implements a :mod:`gateway_firmware.hardware.interfaces` protocol and keeps a
+timeline of ``(timestamp, event)`` pairs stamped by a :class:`~parking_protocol.clock.Clock`
+(pass the test's FakeClock and the timeline is deterministic), so tests assert on what the
+barrier did and when.
+
+>>> gate = SimGate()
+>>> gate.open(); gate.open(); gate.close()
+>>> gate.events()
+['open', 'close']
+
+The rendering camera (real QR codes in frames) is :mod:`sim_devices.camera`; here is only a
+:class:`ScriptedCamera` that plays queued frames, plus marker frames that carry a code's text
+directly and a :class:`MarkerDecoder` that reads them, for fast tests without OpenCV.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gateway_firmware.app import Hardware
+from gateway_firmware.hardware.interfaces import (
+    Camera,
+    CameraError,
+    Decoder,
+    Frame,
+    PresenceDetector,
+)
+from parking_protocol.clock import Clock, SystemClock
+
+if TYPE_CHECKING:
+    from gateway_firmware.config import GatewaySettings
+    from sim_devices.scene import LaneScene
+
+__all__ = [
+    "MARKER",
+    "MarkerDecoder",
+    "ScriptedCamera",
+    "SimDisplay",
+    "SimGate",
+    "SimPresence",
+    "Timeline",
+    "marker_frame",
+    "sim_hardware",
+]
+
+Timeline = list[tuple[datetime, str]]
+
+
+class SimGate:
+    """A barrier that records ``open``/``close`` changes (idempotent, like the relay).
+
+    With ``presence``, every close also records whether a vehicle was under the barrier, and
+    :meth:`assert_never_closed_on_vehicle` fails if one was.
+    """
+
+    def __init__(
+        self, clock: Clock | None = None, *, presence: PresenceDetector | None = None
+    ) -> None:
+        self._clock = clock or SystemClock()
+        self._presence = presence
+        self._lock = threading.Lock()
+        self._open = False
+        self.timeline: Timeline = []
+        self.closed_on_vehicle: list[datetime] = []
+
+    def open(self) -> None:
+        with self._lock:
+            if not self._open:
+                self._open = True
+                self.timeline.append((self._clock.now(), "open"))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._presence is not None and self._presence.vehicle_present:
+                self.closed_on_vehicle.append(self._clock.now())
+            if self._open:
+                self._open = False
+                self.timeline.append((self._clock.now(), "close"))
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def events(self) -> list[str]:
+        return [event for _, event in self.timeline]
+
+    @property
+    def opens(self) -> int:
+        return self.events().count("open")
+
+    def assert_events(self, expected: Iterable[str]) -> None:
+        """Fail with the whole timeline unless the events are exactly ``expected``."""
+        expected = list(expected)
+        assert self.events() == expected, f"gate timeline {self.timeline} != {expected}"
+
+    def assert_never_closed_on_vehicle(self) -> None:
+        assert not self.closed_on_vehicle, f"barrier closed on a vehicle: {self.closed_on_vehicle}"
+
+
+class SimPresence:
+    """A vehicle detector whose reading the test sets (``arrive``/``leave``), with a timeline."""
+
+    def __init__(self, clock: Clock | None = None, *, present: bool = False) -> None:
+        self._clock = clock or SystemClock()
+        self._present = present
+        self.timeline: Timeline = []
+
+    @property
+    def vehicle_present(self) -> bool:
+        return self._present
+
+    @vehicle_present.setter
+    def vehicle_present(self, value: bool) -> None:
+        if value != self._present:
+            self._present = value
+            self.timeline.append((self._clock.now(), "arrive" if value else "leave"))
+
+    def arrive(self) -> None:
+        self.vehicle_present = True
+
+    def leave(self) -> None:
+        self.vehicle_present = False
+
+
+class SimDisplay:
+    """A display that records every text it is asked to show."""
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        self._clock = clock or SystemClock()
+        self.timeline: Timeline = []
+
+    def show(self, text: str) -> None:
+        self.timeline.append((self._clock.now(), text))
+
+    @property
+    def texts(self) -> list[str]:
+        return [text for _, text in self.timeline]
+
+    @property
+    def last(self) -> str | None:
+        return self.timeline[-1][1] if self.timeline else None
+
+
+class ScriptedCamera:
+    """Plays queued frames (or raises queued :class:`CameraError`), then returns None.
+
+    Thread-safe: the gateway reads it from a worker thread while the test pushes frames.
+    ``repeat`` keeps returning the last frame, as a real camera keeps seeing a held phone.
+    """
+
+    def __init__(self, frames: Iterable[Frame | CameraError] = (), *, repeat: bool = False) -> None:
+        self._queue: deque[Frame | CameraError] = deque(frames)
+        self._repeat = repeat
+        self._last: Frame | None = None
+        self.reads = 0
+        self.closed = False
+
+    def push(self, *items: Frame | CameraError) -> None:
+        self._queue.extend(items)
+
+    def push_code(self, text: str) -> None:
+        """Queue a marker frame carrying ``text`` (read by :class:`MarkerDecoder`)."""
+        self._queue.append(marker_frame(text))
+
+    def clear(self) -> None:
+        self._queue.clear()
+        self._last = None
+
+    def read(self) -> Frame | None:
+        self.reads += 1
+        try:
+            item = self._queue.popleft()
+        except IndexError:
+            return self._last if self._repeat else None
+        if isinstance(item, CameraError):
+            raise item
+        self._last = item
+        return item
+
+    def close(self) -> None:
+        self.closed = True
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+
+MARKER = b"QRPARK-MARKER:"
+
+
+def marker_frame(text: str) -> Frame:
+    """A tiny frame whose bytes carry ``text`` (a stand-in for a rendered QR code)."""
+    data = np.frombuffer(MARKER + text.encode(), dtype=np.uint8)
+    return data.reshape(1, -1).copy()
+
+
+class MarkerDecoder:
+    """A Decoder for :func:`marker_frame` frames; any other frame has no code."""
+
+    name = "marker"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def decode(self, frame: Frame) -> list[str]:
+        self.calls += 1
+        raw = frame.tobytes()
+        if frame.ndim == 2 and frame.shape[0] == 1 and raw.startswith(MARKER):
+            return [raw[len(MARKER) :].decode()]
+        return []
+
+
+def sim_hardware(
+    settings: GatewaySettings,
+    *,
+    clock: Clock | None = None,
+    scene: LaneScene | None = None,
+    camera: Camera | None = None,
+    decoder: Decoder | None = None,
+    presence: PresenceDetector | None = None,
+) -> Hardware:
+    """Simulated devices for a gateway (``qrpark-gateway --hardware sim`` uses the defaults).
+
+    With a ``scene`` the camera is a :class:`~sim_devices.camera.SimCamera` rendering the
+    scene's code into real frames at ``settings.camera.fps``, decoded by the configured real
+    decoder, and the scene is the vehicle detector (when the settings configure one).
+    Without one the lane sees nothing (a :class:`ScriptedCamera` with no frames, read by a
+    :class:`MarkerDecoder`). Explicit ``camera``/``decoder``/``presence`` win.
+    """
+    if scene is not None:
+        from gateway_firmware.hardware.decoders import make_decoder
+        from sim_devices.camera import SimCamera
+
+        camera = camera or SimCamera(scene, frame_interval=1 / settings.camera.fps)
+        decoder = decoder or make_decoder(settings.decoder)
+        if presence is None and settings.has_presence_detector:
+            presence = scene
+    if presence is None and settings.has_presence_detector:
+        presence = SimPresence(clock)
+    return Hardware(
+        camera=camera or ScriptedCamera(),
+        decoder=decoder or MarkerDecoder(),
+        gate=SimGate(clock, presence=presence),
+        display=SimDisplay(clock),
+        presence=presence,
+    )
