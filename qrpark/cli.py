@@ -1,9 +1,9 @@
 """``qrpark``: one command for every deployable, importing only what the subcommand needs.
 
-    qrpark demo      the whole system on this machine (broker, service, simulated lot)
-    qrpark server    the central service (needs the ``server`` extra)
-    qrpark gateway   the gateway firmware (needs the ``gateway`` extra; also ``qrpark-gateway``)
-    qrpark schema    print the wire protocol's JSON Schema
+qrpark demo      the whole system on this machine (broker, service, simulated lot)
+qrpark server    the central service (needs the ``server`` extra)
+qrpark gateway   the gateway firmware (needs the ``gateway`` extra; also ``qrpark-gateway``)
+qrpark schema    print the wire protocol's JSON Schema
 """
 
 from __future__ import annotations

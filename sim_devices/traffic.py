@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from gateway_firmware.hardware.interfaces import Gate
 from parking_protocol.clock import Clock
@@ -41,10 +42,16 @@ class Phone:
     _code: str | None = None
     _expires_at: datetime | None = None
 
+    def code_used(self) -> None:
+        """The app learns its code opened a gate and shows a fresh one next time."""
+        self._code = None
+
     async def current_code(self) -> str:
         now = self.clock.now()
-        if self._code is None or self._expires_at is None or (
-            self._expires_at - now <= self.refresh_before
+        if (
+            self._code is None
+            or self._expires_at is None
+            or (self._expires_at - now <= self.refresh_before)
         ):
             self._code = await self.source(self.account_id)
             self._expires_at = parse_code(self._code).expires_at
@@ -64,13 +71,20 @@ class Lane:
 
     scene: LaneScene
     gate: Gate
+    display: _Display | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class _Display(Protocol):
+    @property
+    def last(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
 class LaneOutcome:
     opened: bool
     waited_s: float
+    message: str | None = None
 
 
 async def pass_lane(
@@ -95,15 +109,17 @@ async def pass_lane(
                 break
             await asyncio.sleep(poll_s)
         waited = loop.time() - started
+        message = lane.display.last if lane.display is not None else None
         lane.scene.show_code(None)
         if opened:
+            driver.phone.code_used()
             await asyncio.sleep(drive_through_s)
         lane.scene.vehicle_leaves()
         # Let the barrier come down before the next car pulls up.
         close_deadline = loop.time() + timeout
         while lane.gate.is_open and loop.time() < close_deadline:  # noqa: ASYNC110 - polls hardware
             await asyncio.sleep(poll_s)
-        return LaneOutcome(opened=opened, waited_s=waited)
+        return LaneOutcome(opened=opened, waited_s=waited, message=message)
 
 
 @dataclass
@@ -146,12 +162,12 @@ async def run_traffic(
         outcome = await pass_lane(entry, driver)
         stats.waits.append(outcome.waited_s)
         if not outcome.opened:
-            stats.denied["entry"] += 1
-            report(f"{driver.name}: entry refused")
+            stats.denied[outcome.message or "no answer"] += 1
+            report(f"{driver.name}: entry refused: {outcome.message}")
             return
         driver.inside = True
         stats.entries += 1
-        report(f"{driver.name}: entered ({outcome.waited_s * 1000:.0f} ms at the barrier)")
+        report(f"{driver.name}: entered: {outcome.message} ({outcome.waited_s * 1000:.0f} ms)")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), rng.uniform(*dwell_s))
         for _attempt in range(3):
@@ -160,10 +176,10 @@ async def run_traffic(
             if outcome.opened:
                 driver.inside = False
                 stats.exits += 1
-                report(f"{driver.name}: left ({outcome.waited_s * 1000:.0f} ms at the barrier)")
+                report(f"{driver.name}: left: {outcome.message} ({outcome.waited_s * 1000:.0f} ms)")
                 return
-            stats.denied["exit"] += 1
-            report(f"{driver.name}: exit refused")
+            stats.denied[outcome.message or "no answer"] += 1
+            report(f"{driver.name}: exit refused: {outcome.message}")
             if stop.is_set():
                 return
             await asyncio.sleep(2)

@@ -40,6 +40,16 @@ def mosquitto() -> Iterator[MosquittoProcess]:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session, dropped afterwards."""
+    yield from _fresh_postgres_database()
+
+
+@pytest.fixture
+def fresh_postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    yield from _fresh_postgres_database()
+
+
+def _fresh_postgres_database() -> Iterator[str]:
     if not port_open("127.0.0.1", 5432):
         missing_service("PostgreSQL is not listening on 127.0.0.1:5432")
     admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")

@@ -24,7 +24,7 @@ event is replayed with ``offline`` set.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -32,7 +32,7 @@ from enum import StrEnum
 
 from gateway_firmware.core.local_verify import LocalVerifier, offline_display_text
 from parking_protocol.messages import CommandOutcome, GateCommand, OfflineDecision, new_id
-from parking_protocol.types import GateAction
+from parking_protocol.types import DENY_TEXT, GateAction, Reason
 
 __all__ = [
     "CHECKING_TEXT",
@@ -185,6 +185,7 @@ class Lane:
         self.scan_only_when_present = scan_only_when_present
         self._new_id = id_factory
         self._seen_capacity = seen_commands
+        self.local_denials: Counter[Reason] = Counter()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self.state = LaneState.IDLE
         self.vehicle_present = False
@@ -219,6 +220,13 @@ class Lane:
             return []  # one vehicle at a time; the code is read again later if still shown
         if self.scan_only_when_present and not self.vehicle_present:
             return []
+        # Local verification first: a code that cannot be valid (malformed, forged, unknown
+        # key, expired, already used here, deny-listed) is refused at once, without a round
+        # trip. The central service re-verifies everything it is sent.
+        checked = self.verifier.check(code, now)
+        if isinstance(checked, Reason):
+            self.local_denials[checked] += 1
+            return [Show(DENY_TEXT.get(checked, "Code not valid"))]
         deadline = now + self.decision_timeout
         self._awaiting = _Awaiting(self._new_id(), code, deadline)
         self.state = LaneState.AWAITING_DECISION
@@ -249,8 +257,10 @@ class Lane:
         if awaiting is None or awaiting.event_id != command.event_id:
             return [SendReply(cid, CommandOutcome.REJECTED, "not awaiting this event")]
         self._awaiting = None
-        self.verifier.remember(awaiting.code, now)
         if command.action is GateAction.OPEN:
+            # Only a code that opened the gate is used up; after a deny (say, insufficient
+            # balance) the driver may top up and show the same code again.
+            self.verifier.remember(awaiting.code, now)
             return [*self._open(now, command.display, cid), SendReply(cid, CommandOutcome.ACCEPTED)]
         self.state = LaneState.IDLE
         return [Show(command.display), SendReply(cid, CommandOutcome.DONE)]

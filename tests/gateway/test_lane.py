@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -139,15 +140,25 @@ def test_no_answer_within_the_timeout_decides_offline(key: Ed25519PrivateKey) ->
     assert reply == [SendReply(late.command_id, CommandOutcome.REJECTED, "not awaiting this event")]
 
 
-def test_offline_decision_for_a_bad_code_denies_with_its_reason(key: Ed25519PrivateKey) -> None:
+@pytest.mark.parametrize(
+    ("make_code", "reason"),
+    [
+        (lambda key: "QP1.k1.alice.1.2.bm9uY2U.c2ln", Reason.CODE_MALFORMED),
+        (lambda key: "https://example.com/not-a-parking-code", Reason.CODE_MALFORMED),
+        (lambda key: code_for(Ed25519PrivateKey.generate()), Reason.CODE_BAD_SIGNATURE),
+        (lambda key: code_for(key, now=T0 - timedelta(minutes=5)), Reason.CODE_EXPIRED),
+    ],
+)
+def test_bad_code_is_refused_locally_without_an_event(
+    key: Ed25519PrivateKey, make_code: Callable[[Ed25519PrivateKey], str], reason: Reason
+) -> None:
     lane = make_lane(key)
-    event_id = scan(lane, "QP1.k1.alice.1.2.bm9uY2U.c2ln")
-    actions = lane.handle(DecisionTimeout(event_id), T0)
-    (record,) = of(RecordOffline, actions)
-    assert record.decision.action is GateAction.DENY
+    actions = lane.handle(CodeDecoded(make_code(key)), T0)
+    assert of(PublishEvent, actions) == []
     assert of(OpenGate, actions) == []
-    assert Show(DENY_TEXT[record.decision.reason]) in actions
+    assert actions == [Show(DENY_TEXT[reason])]
     assert lane.state is LaneState.IDLE
+    assert lane.local_denials[reason] == 1
 
 
 def test_timeout_for_another_event_is_ignored(key: Ed25519PrivateKey) -> None:

@@ -38,7 +38,13 @@ def test_entry_point_signatures() -> None:
     assert {"settings", "clock", "transport", "engine"} <= set(
         inspect.signature(build_central).parameters
     )
-    assert list(inspect.signature(serve).parameters) == ["settings", "host", "port", "log_level", "access_log"]
+    assert list(inspect.signature(serve).parameters) == [
+        "settings",
+        "host",
+        "port",
+        "log_level",
+        "access_log",
+    ]
 
 
 def test_create_app_builds_no_engine_until_started(tmp_path: object) -> None:
