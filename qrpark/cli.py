@@ -32,6 +32,12 @@ def _demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
+def _sim(argv: list[str]) -> int:
+    from sim_devices.cli import main as sim_main
+
+    return sim_main(argv)
+
+
 def _schema(argv: list[str]) -> int:
     from parking_protocol.schema import render
 
@@ -43,6 +49,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "demo": _demo,
     "server": _server,
     "gateway": _gateway,
+    "sim": _sim,
     "schema": _schema,
 }
 

@@ -83,8 +83,8 @@ def alembic_config(connection: sa.Connection | None = None) -> Config:
     return config
 
 
-def upgrade(database: str | Engine, revision: str = "head") -> None:
-    """Run ``alembic upgrade head`` on ``database`` (a URL or an engine)."""
+def upgrade(database: str | Engine, revision: str = "heads") -> None:
+    """Run ``alembic upgrade heads`` on ``database`` (a URL or an engine)."""
     engine = make_engine(database) if isinstance(database, str) else database
     try:
         with engine.begin() as connection:
