@@ -6,12 +6,14 @@ from sqlalchemy import MetaData
 from sqlmodel import SQLModel
 
 from server.accounts.models import Account, LedgerTransaction, Posting, TopupRequest
+from server.audit.models import AuditEntry
 from server.gateways.models import CommandReplyRecord, Gate, GatewayStatusRecord
 from server.lots.models import Lot
 from server.sessions.models import DeadLetter, ParkingSession, ProcessedEvent, UsedNonce
 
 __all__ = [
     "Account",
+    "AuditEntry",
     "CommandReplyRecord",
     "DeadLetter",
     "Gate",
