@@ -38,6 +38,12 @@ def _sim(argv: list[str]) -> int:
     return sim_main(argv)
 
 
+def _broker_config(argv: list[str]) -> int:
+    from qrpark.broker import main as broker_main
+
+    return broker_main(argv)
+
+
 def _schema(argv: list[str]) -> int:
     from parking_protocol.schema import render
 
@@ -51,6 +57,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "gateway": _gateway,
     "sim": _sim,
     "schema": _schema,
+    "broker-config": _broker_config,
 }
 
 

@@ -8,6 +8,7 @@ broker only if they say so, and must label it (the demo does).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -68,6 +69,10 @@ class MosquittoProcess:
             "log_type error",
             "log_type warning",
         ]
+        if os.geteuid() == 0:
+            # Started as root, Mosquitto would switch to the "mosquitto" user and could not
+            # read our private config files; a private broker runs as whoever started it.
+            lines.append("user root")
         return "\n".join(lines) + "\n" + self.extra_config
 
     def start(self, timeout: float = 10.0) -> MosquittoProcess:
