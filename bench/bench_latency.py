@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import Figure, print_table
 from parking_protocol.messages import GateCommand, ScanEvent, decode, encode, new_id
 from parking_protocol.mqtt import MqttTransport, parse_broker_url
 from parking_protocol.qr_token import issue_code
@@ -62,6 +65,15 @@ class Stats:
     latencies: list[float] = field(default_factory=list)
     denied: int = 0
     timeouts: int = 0
+
+    def quantile(self, q: int) -> float:
+        """The q-th percentile latency in ms (0 when nothing was answered)."""
+        lat = sorted(self.latencies)
+        if not lat:
+            return 0.0
+        if len(lat) == 1:
+            return lat[0] * 1000
+        return statistics.quantiles(lat, n=100, method="inclusive")[q - 1] * 1000
 
     def line(self, label: str, elapsed: float) -> str:
         lat = sorted(self.latencies)
@@ -181,34 +193,87 @@ async def run_lanes(
     return stats, elapsed
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gates", type=int, default=50, help="gates in the concurrent run")
-    parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--rate", type=float, default=2.0, help="events/s per gate (concurrent)")
-    parser.add_argument("--database-url", default=None)
-    args = parser.parse_args()
+async def flood(
+    broker_url: str, key_file: Path, lanes: int, events_per_gate: int
+) -> tuple[Stats, float]:
+    """Open loop: every gate publishes its events back to back; time until all are answered."""
+    ring = load_or_create_keys(key_file)
+    key = ring.active
+    stats = Stats()
+    clients = [
+        (
+            SimGateClient(broker_url, f"in{i}", Direction.ENTRY),
+            SimGateClient(broker_url, f"out{i}", Direction.EXIT),
+        )
+        for i in range(lanes)
+    ]
+    for pair in clients:
+        for client in pair:
+            await client.start()
+    now = datetime.now(UTC)
+    codes = [
+        [
+            issue_code(key.private_key, kid=key.kid, account_id=f"acct{i}", now=now)
+            for _ in range(events_per_gate * 2)
+        ]
+        for i in range(lanes)
+    ]
 
-    work = Path(tempfile.mkdtemp(prefix="qrpark-bench-"))
-    broker = MosquittoProcess().start()
-    port = free_port()
-    lanes = max(1, args.gates // 2)
-    env = {
-        **os.environ,
-        "QRPARK_DATABASE_URL": args.database_url or f"sqlite:///{work}/bench.db",
-        "QRPARK_MQTT_URL": broker.url,
-        "QRPARK_MQTT_CLIENT_ID": "bench-central",
-        "QRPARK_KEY_FILE": str(work / "keys" / "signing.pem"),
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "server", "--port", str(port), "--log-level", "WARNING",
-         "--no-access-log"],
-        env=env,
-    )
-    try:
-        for _ in range(300):
-            if port_open("127.0.0.1", port):
-                break
+    async def lane(i: int, entry: SimGateClient, exit_: SimGateClient) -> None:
+        pending = []
+        for n in range(events_per_gate * 2):
+            gate = entry if n % 2 == 0 else exit_
+            pending.append(asyncio.create_task(gate.scan(codes[i][n])))
+            await asyncio.sleep(0)
+        for latency, command in await asyncio.gather(*pending):
+            if command is None:
+                stats.timeouts += 1
+            else:
+                stats.latencies.append(latency)
+                stats.denied += command.action is GateAction.DENY
+
+    started = time.perf_counter()
+    await asyncio.gather(*(lane(i, a, b) for i, (a, b) in enumerate(clients)))
+    elapsed = time.perf_counter() - started
+    for pair in clients:
+        for client in pair:
+            await client.close()
+    return stats, elapsed
+
+
+class Service:
+    """Mosquitto + the central service as its own process, provisioned for ``lanes`` lanes."""
+
+    def __init__(self, lanes: int, database_url: str | None) -> None:
+        self.work = Path(tempfile.mkdtemp(prefix="qrpark-bench-"))
+        self.broker = MosquittoProcess().start()
+        port = free_port()
+        self.key_file = self.work / "keys" / "signing.pem"
+        env = {
+            **os.environ,
+            "QRPARK_DATABASE_URL": database_url or f"sqlite:///{self.work}/bench.db",
+            "QRPARK_MQTT_URL": self.broker.url,
+            "QRPARK_MQTT_CLIENT_ID": f"bench-central-{port}",
+            "QRPARK_KEY_FILE": str(self.key_file),
+        }
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "--port",
+                str(port),
+                "--log-level",
+                "WARNING",
+                "--no-access-log",
+            ],
+            env=env,
+        )
+        deadline = time.monotonic() + 60
+        while not port_open("127.0.0.1", port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError("the central service did not start (see its output above)")
             time.sleep(0.1)
         base = f"http://127.0.0.1:{port}"
         api(
@@ -218,7 +283,7 @@ def main() -> int:
             {
                 "lot_id": LOT,
                 "name": "Bench",
-                "capacity": 100_000,
+                "capacity": 1_000_000,
                 "tariff": {
                     "grace_minutes": 0,
                     "hourly_minor": 500,
@@ -245,21 +310,94 @@ def main() -> int:
                 base,
                 "POST",
                 f"/api/v1/accounts/acct{i}/topups",
-                {"amount_minor": 10_000_000},
+                {"amount_minor": 100_000_000},
                 **{"Idempotency-Key": f"bench-topup-{i}"},
             )
-        key_file = Path(env["QRPARK_KEY_FILE"])
-        db = "PostgreSQL" if args.database_url else "SQLite"
-        print(f"central service on {db}, Mosquitto with TCP_NODELAY, {work}")
-        one, t1 = asyncio.run(run_lanes(broker.url, key_file, 1, min(args.seconds, 10), 0))
-        print(one.line("1 lane, sequential", t1))
-        many, t2 = asyncio.run(run_lanes(broker.url, key_file, lanes, args.seconds, args.rate))
-        print(many.line(f"{lanes * 2} gates @ {args.rate}/s each", t2))
-        return 0 if one.latencies and many.latencies else 1
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.broker.stop()
+
+
+def run(
+    quick: bool = True,
+    *,
+    gates: int = 50,
+    seconds: float = 10.0,
+    rate: float = 2.0,
+    database_url: str | None = None,
+    label: str = "SQLite",
+) -> list[Figure]:
+    """Latency at a realistic rate, then sustained throughput, for one database."""
+    lanes = max(1, gates // 2)
+    figures: list[Figure] = []
+    service = Service(lanes, database_url)
+    try:
+        one, t1 = asyncio.run(
+            run_lanes(service.broker.url, service.key_file, 1, min(seconds, 5 if quick else 10), 0)
+        )
+        print(one.line(f"[{label}] 1 lane, sequential", t1))
+        many, t2 = asyncio.run(
+            run_lanes(service.broker.url, service.key_file, lanes, seconds, rate)
+        )
+        print(many.line(f"[{label}] {lanes * 2} gates @ {rate}/s", t2))
+        per_gate = 10 if quick else 40
+        flooded, t3 = asyncio.run(flood(service.broker.url, service.key_file, lanes, per_gate))
+        print(flooded.line(f"[{label}] {lanes * 2} gates flooding", t3))
     finally:
-        server.terminate()
-        server.wait(10)
-        broker.stop()
+        service.close()
+    figures += [
+        Figure(
+            f"[{label}] decision latency p50, {lanes * 2} gates @ {rate}/s",
+            many.quantile(50),
+            "ms",
+            3.0,
+        ),
+        Figure(
+            f"[{label}] decision latency p99, {lanes * 2} gates @ {rate}/s",
+            many.quantile(99),
+            "ms",
+            15.0,
+        ),
+        Figure(
+            f"[{label}] throughput, events answered/s",
+            len(flooded.latencies) / t3 if t3 else 0.0,
+            "/s",
+            2000.0 if label == "SQLite" else 1000.0,
+            higher_is_better=True,
+        ),
+        Figure(f"[{label}] latency p99 under flood", flooded.quantile(99), "ms", 50.0),
+        Figure(
+            f"[{label}] events lost (timeouts)",
+            float(many.timeouts + flooded.timeouts + one.timeouts),
+            "",
+            None,
+        ),
+    ]
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gates", type=int, default=50, help="gates in the concurrent run")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, default=2.0, help="events/s per gate (concurrent)")
+    parser.add_argument("--database-url", default=None)
+    parser.add_argument("--full", action="store_true", help="bigger runs")
+    args = parser.parse_args()
+    label = "PostgreSQL" if args.database_url else "SQLite"
+    figures = run(
+        not args.full,
+        gates=args.gates,
+        seconds=args.seconds,
+        rate=args.rate,
+        database_url=args.database_url,
+        label=label,
+    )
+    print_table(figures, "scan -> command latency and throughput")
+    return 0
 
 
 if __name__ == "__main__":
