@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -30,6 +31,7 @@ __all__ = [
     "InMemoryTransport",
     "InboundMessage",
     "LastWill",
+    "RouteFaults",
     "Transport",
     "TransportUnavailable",
     "topic_matches",
@@ -114,23 +116,38 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
 
 
 @dataclass
-class _Subscription:
-    client: InMemoryTransport
-    topic_filter: str
+class RouteFaults:
+    """Seeded delivery faults: QoS 1 redelivery (duplicates) and delays that reorder."""
+
+    rng: random.Random
+    duplicate: float = 0.0
+    max_delay: float = 0.0
 
 
 @dataclass
 class InMemoryBroker:
-    """A tiny in-process broker for tests and deterministic simulation (not for production)."""
+    """A tiny in-process broker for tests and deterministic simulation (not for production).
+
+    ``persistent`` clients keep a session: messages for them while they are disconnected are
+    queued and delivered when a client with the same id connects again (as Mosquitto does
+    for ``clean_start=false``). ``faults`` injects duplicates and reordering; ``observer``
+    sees every published message.
+    """
 
     retained: dict[str, bytes] = field(default_factory=dict)
     clients: dict[str, InMemoryTransport] = field(default_factory=dict)
     published: list[tuple[str, bytes]] = field(default_factory=list)
     up: bool = True
+    faults: RouteFaults | None = None
+    observer: Callable[[str, bytes], None] | None = None
+    keep_log: bool = True
+    _sessions: dict[str, tuple[list[str], list[InboundMessage]]] = field(default_factory=dict)
     _share_rr: itertools.count[int] = field(default_factory=itertools.count)
 
-    def client(self, client_id: str, will: LastWill | None = None) -> InMemoryTransport:
-        return InMemoryTransport(self, client_id, will)
+    def client(
+        self, client_id: str, will: LastWill | None = None, *, persistent: bool = False
+    ) -> InMemoryTransport:
+        return InMemoryTransport(self, client_id, will, persistent=persistent)
 
     # -- fault injection -------------------------------------------------------------------
     async def cut(self, client_id: str) -> None:
@@ -159,15 +176,19 @@ class InMemoryBroker:
 
     # -- routing -----------------------------------------------------------------------------
     def _route(self, topic: str, payload: bytes, retain: bool) -> None:
-        self.published.append((topic, payload))
+        if self.keep_log:
+            self.published.append((topic, payload))
+        if self.observer is not None:
+            self.observer(topic, payload)
         if retain:
             if payload:
                 self.retained[topic] = payload
             else:
                 self.retained.pop(topic, None)
         shared_groups: dict[str, list[InMemoryTransport]] = {}
+        message = InboundMessage(topic, payload, retain=False)
         for client in self.clients.values():
-            if not client.connected:
+            if not client.connected and not client.persistent:
                 continue
             for topic_filter in client._filters:
                 if not topic_matches(topic_filter, topic):
@@ -176,20 +197,45 @@ class InMemoryBroker:
                     group = topic_filter.split("/", 2)[1] + "|" + topic_filter.split("/", 2)[2]
                     shared_groups.setdefault(group, []).append(client)
                 else:
-                    client._deliver(InboundMessage(topic, payload, retain=False))
+                    self._send(client, message)
                 break
         for members in shared_groups.values():
             chosen = members[next(self._share_rr) % len(members)]
-            chosen._deliver(InboundMessage(topic, payload, retain=False))
+            self._send(chosen, message)
+        for client_id, (filters, backlog) in self._sessions.items():
+            if client_id not in self.clients and any(topic_matches(f, topic) for f in filters):
+                backlog.append(message)
+
+    def _send(self, client: InMemoryTransport, message: InboundMessage) -> None:
+        faults = self.faults
+        if faults is None:
+            client._deliver(message)
+            return
+        copies = 2 if faults.rng.random() < faults.duplicate else 1
+        for _ in range(copies):
+            delay = faults.rng.uniform(0, faults.max_delay) if faults.max_delay > 0 else 0.0
+            if delay > 0:
+                asyncio.get_running_loop().call_later(delay, client._deliver, message)
+            else:
+                client._deliver(message)
 
 
 class InMemoryTransport:
     """One client of an :class:`InMemoryBroker`, implementing :class:`Transport`."""
 
-    def __init__(self, broker: InMemoryBroker, client_id: str, will: LastWill | None) -> None:
+    def __init__(
+        self,
+        broker: InMemoryBroker,
+        client_id: str,
+        will: LastWill | None,
+        *,
+        persistent: bool = False,
+    ) -> None:
         self._broker = broker
         self.client_id = client_id
         self._will = will
+        self.persistent = persistent
+        self._backlog: list[InboundMessage] = []
         self._filters: list[str] = []
         self._queue: asyncio.Queue[InboundMessage] = asyncio.Queue()
         self._connected = asyncio.Event()
@@ -206,7 +252,18 @@ class InMemoryTransport:
         if existing is not None and existing is not self:
             # MQTT: a new connection with the same client id takes over.
             await existing._lose_connection(publish_will=True)
+            if existing.persistent:
+                self._broker._sessions[self.client_id] = (
+                    list(existing._filters),
+                    existing._backlog,
+                )
         self._broker.clients[self.client_id] = self
+        session = self._broker._sessions.pop(self.client_id, None)
+        if session is not None and self.persistent:
+            for topic_filter in session[0]:
+                if topic_filter not in self._filters:
+                    self._filters.append(topic_filter)
+            self._backlog.extend(session[1])
         if self._broker.up:
             await self._connect()
 
@@ -215,6 +272,20 @@ class InMemoryTransport:
         self._connected.clear()
         if self._broker.clients.get(self.client_id) is self:
             del self._broker.clients[self.client_id]
+            if self.persistent:
+                self._broker._sessions[self.client_id] = (list(self._filters), self._backlog)
+
+    def crash(self) -> None:
+        """The process holding this connection dies: no DISCONNECT, its queue is lost."""
+        self._wants_connection = False
+        if self._broker.clients.get(self.client_id) is self:
+            del self._broker.clients[self.client_id]
+            if self.persistent:
+                self._broker._sessions[self.client_id] = (list(self._filters), self._backlog)
+        if self.connected:
+            self._connected.clear()
+            if self._will is not None:
+                self._broker._route(self._will.topic, self._will.payload, self._will.retain)
 
     async def wait_connected(self, timeout: float | None = None) -> bool:
         try:
@@ -251,7 +322,11 @@ class InMemoryTransport:
 
     # -- broker side ---------------------------------------------------------------------------
     def _deliver(self, message: InboundMessage) -> None:
-        self._queue.put_nowait(message)
+        if self.connected:
+            self._queue.put_nowait(message)
+        elif self.persistent:
+            # A persistent session's messages wait in the broker while the client is away.
+            self._backlog.append(message)
 
     def _send_retained(self, topic_filter: str) -> None:
         for topic, payload in list(self._broker.retained.items()):
@@ -262,6 +337,9 @@ class InMemoryTransport:
         if self.connected or not self._wants_connection:
             return
         self._connected.set()
+        backlog, self._backlog = self._backlog, []
+        for message in backlog:
+            self._queue.put_nowait(message)
         for topic_filter in self._filters:
             self._send_retained(topic_filter)
         for hook in self._hooks:

@@ -193,3 +193,49 @@ async def test_mqtt_last_will_is_published_when_a_client_dies(
         if dying.stdout is not None:
             dying.stdout.close()
         await watcher.close()
+
+
+async def test_in_memory_persistent_session_keeps_messages_across_a_crash() -> None:
+    broker = InMemoryBroker()
+    publisher = broker.client("gw")
+    first = broker.client("central", persistent=True)
+    for client in (publisher, first):
+        await client.start()
+    await first.subscribe("e/#")
+    await publisher.publish("e/1", b"before")
+    first.crash()  # its unread queue dies with it
+    await publisher.publish("e/2", b"while away")
+    second = broker.client("central", persistent=True)
+    await second.start()
+    message = await next_message(second.messages())
+    assert (message.topic, message.payload) == ("e/2", b"while away")
+
+
+async def test_in_memory_cut_persistent_client_gets_backlog_only_after_heal() -> None:
+    broker = InMemoryBroker()
+    publisher = broker.client("gw")
+    central = broker.client("central", persistent=True)
+    for client in (publisher, central):
+        await client.start()
+    await central.subscribe("e/#")
+    await broker.cut("central")
+    await publisher.publish("e/1", b"queued")
+    assert central._queue.empty()
+    await broker.heal("central")
+    assert (await next_message(central.messages())).payload == b"queued"
+
+
+async def test_in_memory_faults_duplicate_and_delay_deliveries() -> None:
+    import random
+
+    from parking_protocol.transport import RouteFaults
+
+    broker = InMemoryBroker(faults=RouteFaults(random.Random(3), duplicate=1.0, max_delay=0.01))
+    publisher, sub = broker.client("p"), broker.client("s")
+    for client in (publisher, sub):
+        await client.start()
+    await sub.subscribe("x")
+    await publisher.publish("x", b"once")
+    messages = sub.messages()
+    assert (await next_message(messages)).payload == b"once"
+    assert (await next_message(messages)).payload == b"once"
