@@ -17,14 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib.util
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
-from gateway_firmware.config import ConfigError, GatewaySettings
+from gateway_firmware.config import CameraSettings, ConfigError, GatewaySettings
 from gateway_firmware.core.debounce import Debouncer
 from gateway_firmware.core.lane import (
     IDLE_TEXT,
@@ -41,17 +44,20 @@ from gateway_firmware.core.lane import (
     RecordOffline,
     SendReply,
     Show,
+    Signal,
     StartTimer,
     Tick,
 )
 from gateway_firmware.core.local_verify import LocalVerifier
 from gateway_firmware.hardware.interfaces import (
+    AsyncCamera,
     Camera,
     CameraError,
     Decoder,
     Display,
     Frame,
     Gate,
+    Indicator,
     PresenceDetector,
 )
 from gateway_firmware.uplink.link import Inbound, Uplink, status_will
@@ -71,12 +77,14 @@ from parking_protocol.messages import (
 from parking_protocol.transport import Transport
 
 __all__ = [
+    "FileDisplay",
     "Gateway",
     "GatewayStats",
     "Hardware",
     "LoggingDisplay",
     "Tuning",
     "build_gateway",
+    "camera_opener",
     "make_transport",
     "real_hardware",
     "status_will",
@@ -87,16 +95,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Hardware:
-    """The devices of one lane. ``presence`` is None when the lane has no vehicle detector.
+    """The devices of one lane. ``presence`` is None when the lane has no vehicle detector,
+    ``indicator`` when it has no lamps or buzzer to signal with.
 
     ``on_close`` callbacks release resources (GPIO pins) when the gateway shuts down.
     """
 
-    camera: Camera
+    camera: Camera | AsyncCamera
     decoder: Decoder
     gate: Gate
     display: Display
     presence: PresenceDetector | None = None
+    indicator: Indicator | None = None
     on_close: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
@@ -126,6 +136,7 @@ class GatewayStats:
     frames: int = 0
     decodes: int = 0  # code texts found in frames (before debouncing)
     decode_errors: int = 0
+    frames_unchanged: int = 0  # identical to the previous code-less frame: not decoded
     scans: int = 0  # debounced codes handed to the lane
     events_published: int = 0
     publish_failures: int = 0
@@ -135,6 +146,8 @@ class GatewayStats:
     commands_refused: int = 0
     acks: int = 0
     offline_decisions: int = 0
+    # The service answered an event late, differently from the lane's offline decision.
+    late_disagreements: int = 0
     denylist_updates: int = 0
     malformed_messages: int = 0
     unexpected_messages: int = 0
@@ -158,6 +171,24 @@ class LoggingDisplay:
     def show(self, text: str) -> None:
         self.text = text
         log.info("display: %s", text)
+
+
+class FileDisplay(LoggingDisplay):
+    """Writes the current text to a file (replaced atomically) for a display program to show.
+
+    A kiosk browser, an LCD driver or ``watch cat`` reads ``path``; the text is also logged.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def show(self, text: str) -> None:
+        super().show(text)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)
 
 
 class Gateway:
@@ -195,6 +226,7 @@ class Gateway:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._present: bool | None = None
         self._last_frame_at: float | None = None
+        self._disputed: set[str] = set()
 
     @property
     def stats(self) -> GatewayStats:
@@ -294,6 +326,18 @@ class Gateway:
                 log.info("refused command %s: %s", event.command.command_id, reply.detail)
             else:
                 self.stats.commands_executed += 1
+                command = event.command
+                log.info(
+                    "command %s: %s (%s)",
+                    command.command_id,
+                    command.action.value,
+                    command.reason.value,
+                    extra={
+                        "event_id": command.event_id,
+                        "action": command.action.value,
+                        "reason": command.reason.value,
+                    },
+                )
         self._apply(actions)
         return actions
 
@@ -311,6 +355,11 @@ class Gateway:
                         event_id,
                         decision.action.value,
                         decision.reason.value,
+                        extra={
+                            "event_id": event_id,
+                            "action": decision.action.value,
+                            "reason": decision.reason.value,
+                        },
                     )
                 case OpenGate():
                     self._device("gate.open", self.hardware.gate.open)
@@ -320,6 +369,12 @@ class Gateway:
                     self._device(
                         "display.show", functools.partial(self.hardware.display.show, text)
                     )
+                case Signal(feedback):
+                    indicator = self.hardware.indicator
+                    if indicator is not None:
+                        self._device(
+                            "indicator.signal", functools.partial(indicator.signal, feedback.value)
+                        )
                 case StartTimer():
                     pass  # the tick loop checks the lane's deadlines
                 case SendReply():
@@ -354,6 +409,12 @@ class Gateway:
         if await self.uplink.publish_event(event):
             self.stats.events_published += 1
             self.outbox.mark_published(event.event_id)
+            log.info(
+                "event %s published (seq %d)",
+                event.event_id,
+                event.seq,
+                extra={"event_id": event.event_id, "seq": event.seq},
+            )
             return
         # No answer can come while the link is down: decide now instead of making the
         # driver wait for the timeout. The event stays in the outbox for the replay.
@@ -376,10 +437,18 @@ class Gateway:
     # -- loops -------------------------------------------------------------------------------
     async def _scan_loop(self) -> None:
         camera, decoder = self.hardware.camera, self.hardware.decoder
+        read: Callable[[], Coroutine[Any, Any, Frame | None]]
+        if isinstance(camera, AsyncCamera):
+            read = camera.read_async
+        else:
+            read = functools.partial(asyncio.to_thread, camera.read)
+        skip_unchanged = self.settings.decode.skip_unchanged
+        last_frame: Frame | None = None
+        last_found = False
         backoff = self.tuning.camera_backoff_initial_s
         while True:
             try:
-                frame = await asyncio.to_thread(camera.read)
+                frame = await read()
             except CameraError as exc:
                 self.stats.camera_errors += 1
                 self.stats.last_error = f"camera: {exc}"
@@ -392,7 +461,13 @@ class Gateway:
                 await asyncio.sleep(self.tuning.idle_sleep_s)
                 continue
             self._count_frame()
+            if skip_unchanged and frame is last_frame and not last_found:
+                # The camera handed back the very frame that held no code: nothing new.
+                self.stats.frames_unchanged += 1
+                await asyncio.sleep(0)
+                continue
             texts = await self._decode(decoder, frame)
+            last_frame, last_found = frame, bool(texts)
             for text in texts:
                 if self.debouncer.accept(text, self.clock.now()):
                     self.stats.scans += 1
@@ -435,15 +510,55 @@ class Gateway:
             case GateCommand():
                 self.stats.commands_received += 1
                 if message.event_id is not None:
-                    self.outbox.remove(message.event_id)
+                    self._answered(message)
                 self.feed(CommandReceived(message))
             case EventAck():
                 self.stats.acks += 1
+                self._disputed.discard(message.event_id)
                 self.outbox.remove(message.event_id)
             case DenyList():
                 self.stats.denylist_updates += 1
                 self.verifier.update_denylist(message.accounts)
+                # Kept on disk: a gateway that restarts while offline still honours it.
+                self.outbox.save_denylist(message.list_id, message.accounts)
                 log.info("deny-list %s: %d accounts", message.list_id, len(message.accounts))
+
+    def _answered(self, command: GateCommand) -> None:
+        """A command answers an event: it leaves the outbox, unless the lane already acted
+        otherwise on its own (the answer came after the decision timeout). Then the service
+        must learn what the barrier really did: the event is sent again with its offline
+        decision, once; an EventAck (or the same answer again) settles it."""
+        event_id = command.event_id
+        assert event_id is not None
+        pending = self.outbox.get(event_id)
+        offline = pending.offline if pending is not None else None
+        if pending is not None and offline is not None and offline.action is not command.action:
+            if event_id not in self._disputed:
+                self._disputed.add(event_id)
+                self.stats.late_disagreements += 1
+                log.warning(
+                    "late answer %s for %s disagrees with the offline decision %s; resending it",
+                    command.action.value,
+                    event_id,
+                    offline.action.value,
+                    extra={"event_id": event_id, "action": offline.action.value},
+                )
+                self._spawn(self._resend(pending))
+                return
+            log.error(
+                "the service kept its answer %s for %s although the gate did %s offline",
+                command.action.value,
+                event_id,
+                offline.action.value,
+                extra={"event_id": event_id},
+            )
+        self._disputed.discard(event_id)
+        self.outbox.remove(event_id)
+
+    async def _resend(self, event: ScanEvent) -> None:
+        if await self.uplink.publish_event(event):
+            self.outbox.mark_published(event.event_id)
+        # else: still in the outbox; the replay after the next reconnect sends it
 
     async def _tick_loop(self) -> None:
         presence = self.hardware.presence
@@ -521,12 +636,17 @@ def build_gateway(
         scan_only_when_present=settings.scan_only_when_present,
         id_factory=id_factory,
     )
+    outbox = outbox if outbox is not None else Outbox(settings.outbox_file)
+    list_id, denied = outbox.load_denylist()
+    if list_id is not None:
+        verifier.update_denylist(denied)
+        log.info("deny-list %s from the last run: %d accounts", list_id, len(denied))
     return Gateway(
         settings,
         hardware=hardware,
         transport=transport,
         clock=clock,
-        outbox=outbox if outbox is not None else Outbox(settings.outbox_file),
+        outbox=outbox,
         lane=lane,
         debouncer=Debouncer(_seconds(timeouts.debounce_s)),
         tuning=tuning or Tuning(),
@@ -537,24 +657,58 @@ def _seconds(value: float) -> timedelta:
     return timedelta(seconds=value)
 
 
+def camera_opener(camera: CameraSettings) -> tuple[str, Callable[[], Camera]]:
+    """Which camera library the settings pick, and a function that opens that camera."""
+    from gateway_firmware.hardware.camera_opencv import OpenCVCamera, Picamera2Camera
+
+    backend = camera.backend
+    if backend == "auto":
+        pi_camera = camera.device in (0, "0") and importlib.util.find_spec("picamera2")
+        backend = "picamera2" if pi_camera else "opencv"
+    if backend == "picamera2":
+        return backend, functools.partial(
+            Picamera2Camera, width=camera.width, height=camera.height, fps=camera.fps
+        )
+    return backend, functools.partial(
+        OpenCVCamera, camera.device, camera.width, camera.height, camera.fps
+    )
+
+
 def real_hardware(settings: GatewaySettings) -> Hardware:
-    """The Pi's devices: OpenCV camera, the configured decoder, a gpiozero relay and detector."""
-    from gateway_firmware.hardware.camera_opencv import OpenCVCamera
+    """The Pi's devices: the camera, the configured decode pipeline, gpiozero relay/lamps/buzzer
+    and detector, the display.
+
+    The camera is opened lazily and reopened after failures (:class:`ReopeningCamera`): a
+    camera missing at start is reported in the status and retried; the lane still answers
+    commands and the operator can open it.
+    """
+    from gateway_firmware.hardware.camera_opencv import ReopeningCamera
     from gateway_firmware.hardware.decoders import make_decoder
     from gateway_firmware.hardware.gpio import GpioPresence, RelayGate
 
     gpio = settings.gpio
+    backend, opener = camera_opener(settings.camera)
+    decoder = make_decoder(
+        settings.decoder, roi=settings.decode.roi, downscale=settings.decode.downscale
+    )
     gate = RelayGate(
         gpio.relay_pin,
         active_high=gpio.relay_active_high,
         green_led_pin=gpio.green_led_pin,
         red_led_pin=gpio.red_led_pin,
+        buzzer_pin=gpio.buzzer_pin,
+    )
+    display = (
+        FileDisplay(settings.display_file)
+        if settings.display_file is not None
+        else LoggingDisplay()
     )
     hardware = Hardware(
-        camera=OpenCVCamera(settings.camera.device, settings.camera.width, settings.camera.height),
-        decoder=make_decoder(settings.decoder),
+        camera=ReopeningCamera(opener, name=f"{backend}:{settings.camera.device}"),
+        decoder=decoder,
         gate=gate,
-        display=LoggingDisplay(),
+        display=display,
+        indicator=gate,
         on_close=[gate.release],
     )
     if gpio.presence_pin is not None:
@@ -575,4 +729,6 @@ def make_transport(settings: GatewaySettings, *, boot: int, clock: Clock) -> Tra
         will=status_will(settings, boot, now=clock.now()),
         username=settings.mqtt_username,
         password=password,
+        backoff_max=settings.reconnect_max_s,
+        backoff_initial=min(0.2, settings.reconnect_max_s),
     )

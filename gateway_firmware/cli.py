@@ -30,25 +30,42 @@ __all__ = ["JsonFormatter", "main"]
 log = logging.getLogger("gateway_firmware")
 
 
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message"}
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg (and exc when there is one)."""
+    """One JSON object per line: ts, level, logger, msg, the gateway's ``context`` (lot,
+    gate), fields passed with ``extra=`` (``event_id``...), and exc when there is one.
+
+    >>> # {"ts": "...", "level": "info", "logger": "gateway_firmware.app", "lot": "lot1",
+    >>> #  "gate": "in1", "msg": "offline decision for 1d32...: open (welcome)"}
+    """
+
+    def __init__(self, context: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.context = dict(context or {})
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
+            **self.context,
             "msg": record.getMessage(),
         }
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and not key.startswith("_"):
+                entry[key] = value if isinstance(value, int | float | bool | None) else str(value)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(fmt: str, level: str) -> None:
+def configure_logging(fmt: str, level: str, context: dict[str, str] | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(context))
     else:
         handler.setFormatter(
             logging.Formatter("ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
@@ -75,9 +92,9 @@ def sim_hardware_plugin(settings: GatewaySettings) -> Hardware:
         module = importlib.import_module("sim_devices.devices")
     except ImportError as exc:
         raise ConfigError(f"hardware = 'sim' needs the simulator (qrpark[sim]): {exc}") from None
-    hardware = module.sim_hardware(settings)
+    hardware = module.idle_lane_hardware(settings)
     if not isinstance(hardware, Hardware):
-        raise ConfigError("sim_devices.devices.sim_hardware did not return a Hardware bundle")
+        raise ConfigError("sim_devices.devices.idle_lane_hardware did not return Hardware")
     return hardware
 
 
@@ -118,7 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"qrpark-gateway: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(
+        settings.log_format,
+        settings.log_level,
+        {"lot": settings.lot_id, "gate": settings.gate_id},
+    )
     try:
         return asyncio.run(run(settings))
     except ConfigError as exc:

@@ -49,6 +49,7 @@ __all__ = [
     "ENV_PREFIX",
     "CameraSettings",
     "ConfigError",
+    "DecodeSettings",
     "DecoderBackend",
     "GatewaySettings",
     "GpioSettings",
@@ -78,10 +79,37 @@ class _Section(BaseModel):
 class CameraSettings(_Section):
     """Which camera to open and how (``device`` is an index or a path/URL)."""
 
+    # "auto": the Pi camera module through picamera2 when that library is installed and
+    # device is 0, else OpenCV (USB/V4L2). Name one to insist on it.
+    backend: Literal["auto", "opencv", "picamera2"] = "auto"
     device: int | str = 0
     width: Annotated[int, Field(ge=64, le=4096)] = 640
     height: Annotated[int, Field(ge=48, le=4096)] = 480
     fps: Annotated[float, Field(gt=0, le=120)] = 15.0
+
+
+class DecodeSettings(_Section):
+    """How frames are decoded so the pipeline keeps up with the camera on one core."""
+
+    # Only look at this part of the frame: [x, y, width, height] in pixels.
+    roi: tuple[int, int, int, int] | None = None
+    # Try a copy scaled by this factor first, the full frame only when it finds nothing
+    # (worth it for high-resolution cameras; off by default at 640x480).
+    downscale: Annotated[float, Field(gt=0.05, lt=1.0)] | None = None
+    # Skip decoding a frame identical to the last one that held no code (simulators; a
+    # real sensor's noise makes every frame differ, so it costs nothing there).
+    skip_unchanged: bool = True
+
+    @field_validator("roi")
+    @classmethod
+    def _roi_positive(
+        cls, value: tuple[int, int, int, int] | None
+    ) -> tuple[int, int, int, int] | None:
+        if value is not None:
+            x, y, w, h = value
+            if x < 0 or y < 0 or w < 21 or h < 21:
+                raise ValueError("roi is [x, y, width, height]: x, y >= 0, width, height >= 21")
+        return value
 
 
 class GpioSettings(_Section):
@@ -91,6 +119,8 @@ class GpioSettings(_Section):
     relay_active_high: bool = True
     green_led_pin: Pin | None = None
     red_led_pin: Pin | None = None
+    # An active buzzer: one beep when a code is accepted, two when refused.
+    buzzer_pin: Pin | None = None
     # The vehicle detector's dry contact (induction loop / beam); None: no detector.
     presence_pin: Pin | None = None
     # True: a dry contact closing to ground (vehicle = pin low); False: vehicle = pin high.
@@ -149,16 +179,22 @@ class GatewaySettings(BaseSettings):
     public_keys: dict[str, str]
     camera: CameraSettings = CameraSettings()
     decoder: DecoderBackend = "auto"
+    decode: DecodeSettings = DecodeSettings()
     gpio: GpioSettings = GpioSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
     offline: OfflinePolicy = OfflinePolicy()
     # Ignore codes unless the detector reports a vehicle (needs gpio.presence_pin).
     scan_only_when_present: bool = False
     heartbeat_s: PositiveSeconds = 30.0
+    # Reconnect backoff to the broker is capped at this (jittered exponential from 0.2 s).
+    reconnect_max_s: Annotated[float, Field(ge=0.05, le=300)] = 10.0
     nonce_cache_size: Annotated[int, Field(ge=16, le=1_000_000)] = 10_000
     # Default: ./var/gateway-<lot>-<gate>.db
     outbox_path: Path | None = None
     firmware_version: Annotated[str, StringConstraints(max_length=64)] = FIRMWARE_VERSION
+    # Where the driver's text goes besides the log: a file a display program shows (the
+    # current text, replaced atomically), e.g. /run/qrpark/display.txt.
+    display_file: Path | None = None
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -66,7 +66,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         future: asyncio.Future[T] = self.create_future()
         try:
             future.set_result(func(*args))
-        except BaseException as exc:  # noqa: BLE001 - delivered to the awaiting coroutine
+        except BaseException as exc:
             future.set_exception(exc)
         return future
 

@@ -15,6 +15,7 @@ the code text in view (or ``None``), or any object with a ``code_in_view()`` met
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +52,12 @@ class SimCamera:
       unchanged (text, variant); costs ~3 ms a frame.
     * ``frame_interval``: seconds between frames; :meth:`read` sleeps until the next frame
       is due, like a camera at that frame rate. ``0`` never sleeps (tests).
+
+    :meth:`read_async` (the :class:`~gateway_firmware.hardware.interfaces.AsyncCamera`
+    the gateway prefers) waits for the next frame with ``asyncio.sleep`` and, while the
+    scene is unchanged, returns the very same read-only array: no thread, no render, no
+    copy, and the gateway skips decoding it again. A simulated lane idling at 15 fps then
+    costs a few microseconds a frame.
 
     Fault injection: :meth:`fail_next` makes the next ``n`` reads raise
     :class:`CameraError`; :meth:`set_failed` keeps failing until cleared (an unplugged
@@ -103,17 +110,37 @@ class SimCamera:
         self._wait_for_frame()
         text = self._view()
         with self._lock:
-            if self._closed:
-                raise CameraError("simulated camera is closed")
-            if self._failed:
-                raise CameraError("simulated camera failure (set_failed)")
-            if self._fail_count > 0:
-                self._fail_count -= 1
-                raise CameraError("simulated camera glitch (fail_next)")
+            self._check_failures()
             frame = self._frame_for(text)
             self.frames_read += 1
         # A copy costs ~20 us; callers may draw on their frame as on a real camera's.
         return frame.copy()
+
+    async def read_async(self) -> Frame | None:
+        if self.frame_interval > 0:
+            now = time.monotonic()
+            with self._lock:
+                due = max(self._next_due, now)
+                self._next_due = due + self.frame_interval
+            await asyncio.sleep(due - now)
+        else:
+            await asyncio.sleep(0)
+        text = self._view()
+        with self._lock:
+            self._check_failures()
+            cached = self._cached_frame(text)
+            if cached is not None:
+                self.frames_read += 1
+                return cached
+        # A new scene: render it (a few ms) off the event loop.
+        return await asyncio.to_thread(self._read_rendered, text)
+
+    def _read_rendered(self, text: str | None) -> Frame:
+        with self._lock:
+            self._check_failures()
+            frame = self._frame_for(text)
+            self.frames_read += 1
+            return frame
 
     def close(self) -> None:
         with self._lock:
@@ -132,12 +159,27 @@ class SimCamera:
         if due > now:
             time.sleep(due - now)
 
-    def _frame_for(self, text: str | None) -> Frame:
+    def _check_failures(self) -> None:
+        if self._closed:
+            raise CameraError("simulated camera is closed")
+        if self._failed:
+            raise CameraError("simulated camera failure (set_failed)")
+        if self._fail_count > 0:
+            self._fail_count -= 1
+            raise CameraError("simulated camera glitch (fail_next)")
+
+    def _cached_frame(self, text: str | None) -> Frame | None:
         cached = self._cached
-        if cached is not None and not self._per_frame and cached[0] == text:
-            variant = cached[1]
-            if self._fixed_variant is None or self._fixed_variant == variant:
-                return cached[2]
+        if cached is None or self._per_frame or cached[0] != text:
+            return None
+        if self._fixed_variant is None or self._fixed_variant == cached[1]:
+            return cached[2]
+        return None
+
+    def _frame_for(self, text: str | None) -> Frame:
+        hit = self._cached_frame(text)
+        if hit is not None:
+            return hit
         if self._fixed_variant is not None:
             variant = self._fixed_variant
         elif self._random_variants:
@@ -145,6 +187,7 @@ class SimCamera:
         else:
             variant = CLEAN
         frame = render_frame(text, variant, self._rng)
+        frame.flags.writeable = False  # shared by every read until the scene changes
         self.renders += 1
         self._cached = (text, variant, frame)
         return frame

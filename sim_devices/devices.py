@@ -45,8 +45,10 @@ __all__ = [
     "ScriptedCamera",
     "SimDisplay",
     "SimGate",
+    "SimIndicator",
     "SimPresence",
     "Timeline",
+    "idle_lane_hardware",
     "marker_frame",
     "sim_hardware",
 ]
@@ -149,6 +151,21 @@ class SimDisplay:
         return self.timeline[-1][1] if self.timeline else None
 
 
+class SimIndicator:
+    """Lamps and buzzer that record every signal (``accepted`` / ``denied``)."""
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        self._clock = clock or SystemClock()
+        self.timeline: Timeline = []
+
+    def signal(self, feedback: str) -> None:
+        self.timeline.append((self._clock.now(), feedback))
+
+    @property
+    def signals(self) -> list[str]:
+        return [kind for _, kind in self.timeline]
+
+
 class ScriptedCamera:
     """Plays queued frames (or raises queued :class:`CameraError`), then returns None.
 
@@ -240,7 +257,10 @@ def sim_hardware(
         from sim_devices.camera import SimCamera
 
         camera = camera or SimCamera(scene, frame_interval=1 / settings.camera.fps)
-        decoder = decoder or make_decoder(settings.decoder)
+        decode = settings.decode
+        decoder = decoder or make_decoder(
+            settings.decoder, roi=decode.roi, downscale=decode.downscale
+        )
         if presence is None and settings.has_presence_detector:
             presence = scene
     if presence is None and settings.has_presence_detector:
@@ -251,4 +271,13 @@ def sim_hardware(
         gate=SimGate(clock, presence=presence),
         display=SimDisplay(clock),
         presence=presence,
+        indicator=SimIndicator(clock),
     )
+
+
+def idle_lane_hardware(settings: GatewaySettings) -> Hardware:
+    """``qrpark-gateway --hardware sim``: an empty lane seen by a rendering camera at the
+    configured fps and decoded by the configured real decoder (what a Pi does while idle)."""
+    from sim_devices.scene import LaneScene
+
+    return sim_hardware(settings, scene=LaneScene(name=f"{settings.lot_id}/{settings.gate_id}"))

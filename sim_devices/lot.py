@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,9 @@ class SimLane:
     camera: SimCamera
     task: asyncio.Task[None]
 
-    @property
+    @functools.cached_property
     def lane(self) -> Lane:
+        """The lane as drivers see it; one object, so its lock queues cars one at a time."""
         return Lane(scene=self.scene, gate=self.gate, display=self.display)
 
     async def stop(self) -> None:

@@ -21,9 +21,48 @@ from typing import Protocol
 from gateway_firmware.hardware.interfaces import Gate
 from parking_protocol.clock import Clock
 from parking_protocol.qr_token import parse_code
+from parking_protocol.types import DENY_TEXT, Reason
 from sim_devices.scene import LaneScene
 
-__all__ = ["Driver", "Lane", "LaneOutcome", "Phone", "TrafficStats", "pass_lane", "run_traffic"]
+__all__ = [
+    "REFUSAL_TEXTS",
+    "Driver",
+    "Lane",
+    "LaneOutcome",
+    "Phone",
+    "TrafficStats",
+    "pass_lane",
+    "reason_for_text",
+    "run_traffic",
+]
+
+_OPENING = {Reason.WELCOME, Reason.PAID, Reason.MANUAL_OPEN}
+# Display texts that end a driver's attempt with the barrier shut.
+REFUSAL_TEXTS: dict[str, Reason] = {
+    text: reason for reason, text in DENY_TEXT.items() if reason not in _OPENING
+}
+
+
+def _head(text: str) -> str:
+    return text.split(" - ", maxsplit=1)[0].split(":", maxsplit=1)[0].strip().lower()
+
+
+_REFUSAL_HEADS = {_head(text): reason for text, reason in REFUSAL_TEXTS.items()}
+# Texts the lane shows while it is still working on a code: not an answer.
+_PENDING_TEXTS = {"Checking...", "Show your parking code"}
+
+
+def reason_for_text(text: str | None) -> str:
+    """The reason behind a gate display text (``"no_answer"`` when there was none).
+
+    Matches the service's texts by their first words too, so ``"Insufficient balance:
+    ¥15.00 due - top up in the app"`` is ``insufficient_balance``.
+    """
+    if text is None:
+        return "no_answer"
+    reason = REFUSAL_TEXTS.get(text) or _REFUSAL_HEADS.get(_head(text))
+    return reason.value if reason is not None else text
+
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +118,17 @@ class _Display(Protocol):
     @property
     def last(self) -> str | None: ...
 
+    @property
+    def texts(self) -> list[str]: ...
+
 
 @dataclass(frozen=True)
 class LaneOutcome:
     opened: bool
-    waited_s: float
+    waited_s: float  # from showing the code to the barrier opening or a refusal
     message: str | None = None
+    refused: bool = False  # the display said no (False with opened=False: no answer at all)
+    presentations: int = 1  # times the phone was held up
 
 
 async def pass_lane(
@@ -94,19 +138,42 @@ async def pass_lane(
     timeout: float = 10.0,
     drive_through_s: float = 0.5,
     poll_s: float = 0.01,
+    represent_after_s: float | None = None,
 ) -> LaneOutcome:
-    """Drive up, show the code, wait for the barrier, drive through (or back off)."""
+    """Drive up, show the code, wait for the barrier, drive through (or back off).
+
+    The attempt ends when the barrier opens, when the display shows a refusal (with a
+    display to read), or after ``timeout``. With ``represent_after_s`` a driver whose code
+    is not read lowers the phone and holds it up again (a new angle, new glare) that often.
+    """
     loop = asyncio.get_running_loop()
     async with lane.lock:
-        started = loop.time()
         lane.scene.vehicle_arrives(driver.name)
-        lane.scene.show_code(await driver.phone.current_code())
+        code = await driver.phone.current_code()
+        shown_before = len(lane.display.texts) if lane.display is not None else 0
+        started = loop.time()
+        lane.scene.show_code(code)
         deadline = started + timeout
-        opened = False
+        represent_at = started + represent_after_s if represent_after_s else None
+        opened = refused = False
+        presentations = 1
         while loop.time() < deadline:
             if lane.gate.is_open:
                 opened = True
                 break
+            # The lane opens the barrier and shows its text in one step, so a new answer
+            # on the display with the barrier still down is a refusal.
+            if lane.display is not None and any(
+                text not in _PENDING_TEXTS for text in lane.display.texts[shown_before:]
+            ):
+                refused = True
+                break
+            if represent_at is not None and loop.time() >= represent_at:
+                lane.scene.show_code(None)
+                await asyncio.sleep(poll_s)
+                lane.scene.show_code(code)
+                presentations += 1
+                represent_at = loop.time() + (represent_after_s or 0)
             await asyncio.sleep(poll_s)
         waited = loop.time() - started
         message = lane.display.last if lane.display is not None else None
@@ -119,7 +186,13 @@ async def pass_lane(
         close_deadline = loop.time() + timeout
         while lane.gate.is_open and loop.time() < close_deadline:  # noqa: ASYNC110 - polls hardware
             await asyncio.sleep(poll_s)
-        return LaneOutcome(opened=opened, waited_s=waited, message=message)
+        return LaneOutcome(
+            opened=opened,
+            waited_s=waited,
+            message=message,
+            refused=refused,
+            presentations=presentations,
+        )
 
 
 @dataclass

@@ -12,20 +12,13 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from service_guard import missing_service
 
 from qrpark.services import MosquittoProcess, mosquitto_binary, port_open
 
-REQUIRE_SERVICES = os.environ.get("QRPARK_REQUIRE_SERVICES") == "1"
 POSTGRES_ADMIN_URL = os.environ.get(
     "QRPARK_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-
-
-def missing_service(reason: str) -> None:
-    """Skip on a developer's laptop; fail in CI (QRPARK_REQUIRE_SERVICES=1)."""
-    if REQUIRE_SERVICES:
-        pytest.fail(f"required service unavailable: {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,7 @@ __all__ = [
     "CodeDecoded",
     "CommandReceived",
     "DecisionTimeout",
+    "Feedback",
     "Lane",
     "LaneInput",
     "LaneState",
@@ -51,6 +52,7 @@ __all__ = [
     "RecordOffline",
     "SendReply",
     "Show",
+    "Signal",
     "StartTimer",
     "Tick",
     "TimerKind",
@@ -64,6 +66,13 @@ class LaneState(StrEnum):
     IDLE = "idle"
     AWAITING_DECISION = "awaiting_decision"
     OPEN = "open"
+
+
+class Feedback(StrEnum):
+    """What the lamps and buzzer tell the driver, beyond the text."""
+
+    ACCEPTED = "accepted"  # the barrier opens for you
+    DENIED = "denied"  # it does not: read the display
 
 
 class TimerKind(StrEnum):
@@ -138,6 +147,13 @@ class Show:
 
 
 @dataclass(frozen=True, slots=True)
+class Signal:
+    """Light/sound feedback for the driver (LEDs, buzzer) with a decision."""
+
+    feedback: Feedback
+
+
+@dataclass(frozen=True, slots=True)
 class StartTimer:
     """A deadline the lane will act on at the first :class:`Tick` at or after ``at``."""
 
@@ -152,7 +168,9 @@ class SendReply:
     detail: str = ""
 
 
-Action = PublishEvent | RecordOffline | OpenGate | CloseGate | Show | StartTimer | SendReply
+Action = (
+    PublishEvent | RecordOffline | OpenGate | CloseGate | Show | Signal | StartTimer | SendReply
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +244,7 @@ class Lane:
         checked = self.verifier.check(code, now)
         if isinstance(checked, Reason):
             self.local_denials[checked] += 1
-            return [Show(DENY_TEXT.get(checked, "Code not valid"))]
+            return [Show(DENY_TEXT.get(checked, "Code not valid")), Signal(Feedback.DENIED)]
         deadline = now + self.decision_timeout
         self._awaiting = _Awaiting(self._new_id(), code, deadline)
         self.state = LaneState.AWAITING_DECISION
@@ -263,7 +281,11 @@ class Lane:
             self.verifier.remember(awaiting.code, now)
             return [*self._open(now, command.display, cid), SendReply(cid, CommandOutcome.ACCEPTED)]
         self.state = LaneState.IDLE
-        return [Show(command.display), SendReply(cid, CommandOutcome.DONE)]
+        return [
+            Show(command.display),
+            Signal(Feedback.DENIED),
+            SendReply(cid, CommandOutcome.DONE),
+        ]
 
     def _on_presence(self, present: bool, now: datetime) -> list[Action]:
         self.vehicle_present = present
@@ -295,7 +317,7 @@ class Lane:
         if decision.action is GateAction.OPEN:
             return actions + self._open(now, text, None)
         self.state = LaneState.IDLE
-        return [*actions, Show(text)]
+        return [*actions, Show(text), Signal(Feedback.DENIED)]
 
     def _open(self, now: datetime, text: str, command_id: str | None) -> list[Action]:
         was_open = self.state is LaneState.OPEN
@@ -306,7 +328,12 @@ class Lane:
         )
         self._opened_by = command_id
         actions: list[Action] = [] if was_open else [OpenGate()]
-        return [*actions, Show(text), StartTimer(TimerKind.HOLD_OPEN, self._open_until)]
+        return [
+            *actions,
+            Show(text),
+            Signal(Feedback.ACCEPTED),
+            StartTimer(TimerKind.HOLD_OPEN, self._open_until),
+        ]
 
     def _close(self) -> list[Action]:
         if self.vehicle_present:  # the safety rule, whatever led here

@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from gateway_firmware.hardware.interfaces import CameraError, Frame
+from gateway_firmware.hardware.interfaces import Camera, CameraError, Frame
 
-__all__ = ["OpenCVCamera", "Picamera2Camera"]
+__all__ = ["OpenCVCamera", "Picamera2Camera", "ReopeningCamera"]
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +136,53 @@ class Picamera2Camera:
             self._camera.stop()
             self._camera.close()
             self._camera = None
+
+
+class ReopeningCamera:
+    """Opens a camera on first read and again after any failure.
+
+    A camera that is unplugged at start, or fails later, becomes a :class:`CameraError` on
+    :meth:`read` (the scan loop reports it and retries with backoff) instead of a crash:
+    the gateway keeps answering commands while someone fixes the cable.
+
+    >>> # camera = ReopeningCamera(lambda: OpenCVCamera(0), name="opencv:0")
+    """
+
+    def __init__(self, opener: Callable[[], Camera], *, name: str = "camera") -> None:
+        self._opener = opener
+        self.name = name
+        self._camera: Camera | None = None
+        self.opens = 0
+
+    def read(self) -> Frame | None:
+        camera = self._camera
+        if camera is None:
+            try:
+                camera = self._opener()
+            except CameraError:
+                raise
+            except Exception as exc:  # a driver's own exception type
+                raise CameraError(f"{self.name}: cannot open: {exc}") from exc
+            self._camera = camera
+            self.opens += 1
+            if self.opens > 1:
+                log.info("camera %s reopened", self.name)
+        try:
+            return camera.read()
+        except Exception:
+            self._drop()
+            raise
+
+    def _drop(self) -> None:
+        camera, self._camera = self._camera, None
+        if camera is not None:
+            try:
+                camera.close()
+            except Exception:
+                log.debug("closing the failed camera %s", self.name, exc_info=True)
+
+    def close(self) -> None:
+        self._drop()
+
+    def __repr__(self) -> str:
+        return f"ReopeningCamera({self.name!r})"

@@ -297,13 +297,16 @@ _FACTORIES: Final[dict[str, Callable[[], Decoder]]] = {
 }
 
 
-def make_decoder(backend: str = "auto", *, roi: Roi | None = None) -> Decoder:
+def make_decoder(
+    backend: str = "auto", *, roi: Roi | None = None, downscale: float | None = None
+) -> Decoder:
     """The decoder for ``backend``: ``"auto"``, ``"zxing"``, ``"pyzbar"`` or ``"opencv"``.
 
     ``"auto"`` takes the first that loads, in that order, and logs which. An unknown name
     raises :class:`ValueError`; an explicitly named backend whose library is missing raises
     :class:`DecoderUnavailable` (a :class:`RuntimeError`) naming it. With ``roi`` the
-    decoder only looks at that part of the frame.
+    decoder only looks at that part of the frame; with ``downscale`` it tries a smaller
+    copy first (see :class:`PipelineDecoder`).
     """
     if backend not in BACKENDS:
         raise ValueError(
@@ -325,4 +328,6 @@ def make_decoder(backend: str = "auto", *, roi: Roi | None = None) -> Decoder:
     else:
         decoder = _FACTORIES[backend]()
         log.info("QR decoder backend: %s", backend)
-    return PipelineDecoder(decoder, roi=roi) if roi is not None else decoder
+    if roi is None and downscale is None:
+        return decoder
+    return PipelineDecoder(decoder, roi=roi, downscale=downscale)

@@ -1,4 +1,4 @@
-"""gpiozero adapters: the barrier relay (with optional green/red lamps) and a vehicle detector.
+"""gpiozero adapters: the barrier relay (with lamps and a buzzer) and a vehicle detector.
 
 gpiozero is imported when an adapter is built, so the rest of the firmware runs where it is
 not installed. Pass ``pin_factory=MockFactory()`` to test without a Pi: the mock pins record
@@ -12,6 +12,8 @@ their state changes, so a test asserts on what the relay did.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Any
 
 __all__ = ["GpioPresence", "RelayGate"]
@@ -23,8 +25,14 @@ class RelayGate:
     """The barrier through a relay: energised = open. Idempotent ``open``/``close``.
 
     The relay starts de-energised (closed). ``release`` frees the pins (it does not move the
-    barrier; ``close`` does).
+    barrier; ``close`` does). The optional lamps follow the barrier (green open, red
+    closed); :meth:`signal` is the lane's :class:`~gateway_firmware.hardware.interfaces.Indicator`:
+    one short beep when a code is accepted; on a denial the red lamp flashes three times
+    and the buzzer beeps twice (both in gpiozero's background threads).
     """
+
+    FLASH_S = 0.15
+    BEEP_S = 0.08
 
     def __init__(
         self,
@@ -33,9 +41,10 @@ class RelayGate:
         active_high: bool = True,
         green_led_pin: Pin | None = None,
         red_led_pin: Pin | None = None,
+        buzzer_pin: Pin | None = None,
         pin_factory: Any = None,
     ) -> None:
-        from gpiozero import LED, OutputDevice
+        from gpiozero import LED, Buzzer, OutputDevice
 
         self._relay = OutputDevice(
             relay_pin, active_high=active_high, initial_value=False, pin_factory=pin_factory
@@ -48,6 +57,8 @@ class RelayGate:
             if red_led_pin is not None
             else None
         )
+        self._buzzer = Buzzer(buzzer_pin, pin_factory=pin_factory) if buzzer_pin else None
+        self._restore: threading.Timer | None = None
 
     def open(self) -> None:
         self._relay.on()
@@ -61,6 +72,23 @@ class RelayGate:
     def is_open(self) -> bool:
         return bool(self._relay.value)
 
+    def signal(self, feedback: str) -> None:
+        denied = feedback == "denied"
+        if self._buzzer is not None:
+            self._buzzer.beep(self.BEEP_S, self.BEEP_S, n=2 if denied else 1, background=True)
+        if denied and self._red is not None:
+            self._red.blink(self.FLASH_S, self.FLASH_S, n=3, background=True)
+            if self._restore is not None:
+                self._restore.cancel()
+            # After the flashes, the red lamp shows the barrier's state again.
+            self._restore = threading.Timer(6 * self.FLASH_S + 0.05, self._settle)
+            self._restore.daemon = True
+            self._restore.start()
+
+    def _settle(self) -> None:
+        with contextlib.suppress(Exception):  # released meanwhile
+            self._lamps(open_=self.is_open)
+
     def _lamps(self, *, open_: bool) -> None:
         if self._green is not None:
             self._green.value = open_
@@ -68,7 +96,9 @@ class RelayGate:
             self._red.value = not open_
 
     def release(self) -> None:
-        for device in (self._relay, self._green, self._red):
+        if self._restore is not None:
+            self._restore.cancel()
+        for device in (self._relay, self._green, self._red, self._buzzer):
             if device is not None:
                 device.close()
 

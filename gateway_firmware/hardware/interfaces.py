@@ -21,12 +21,14 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "AsyncCamera",
     "Camera",
     "CameraError",
     "Decoder",
     "Display",
     "Frame",
     "Gate",
+    "Indicator",
     "PresenceDetector",
 ]
 
@@ -47,6 +49,21 @@ class Camera(Protocol):
     """
 
     def read(self) -> Frame | None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class AsyncCamera(Protocol):
+    """A camera that can wait for its next frame without blocking a thread (simulators).
+
+    The scan loop prefers ``await read_async()`` over ``read()`` in a worker thread when a
+    camera has it: a thousand simulated lanes then cost a thousand sleeping coroutines, not
+    a thread pool full of sleeping threads. Returning the *same* array object as the last
+    read means "nothing changed": the loop skips decoding it again.
+    """
+
+    async def read_async(self) -> Frame | None: ...
 
     def close(self) -> None: ...
 
@@ -90,3 +107,14 @@ class Display(Protocol):
     """The text display a driver reads at the barrier."""
 
     def show(self, text: str) -> None: ...
+
+
+@runtime_checkable
+class Indicator(Protocol):
+    """Lamps and a buzzer: ``signal("accepted")`` or ``signal("denied")`` with a decision.
+
+    >>> class Beeper:
+    ...     def signal(self, feedback: str) -> None: print("beep" if feedback == "denied" else "")
+    """
+
+    def signal(self, feedback: str) -> None: ...

@@ -21,7 +21,7 @@ sequence number, which is monotonic across restarts.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from parking_protocol.messages import OfflineDecision, ScanEvent, decode, encode
@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     publishes INTEGER NOT NULL DEFAULT 0
 );
 INSERT OR IGNORE INTO meta (key, value) VALUES ('boot', 0), ('seq', 0);
+CREATE TABLE IF NOT EXISTS denylist (list_id TEXT NOT NULL, account_id TEXT);
 """
 
 
@@ -101,6 +102,24 @@ class Outbox:
         """The server answered ``event_id``: forget it. False when it was not pending."""
         cursor = self._conn.execute("DELETE FROM outbox WHERE event_id = ?", (event_id,))
         return cursor.rowcount > 0
+
+    def save_denylist(self, list_id: str, accounts: Iterable[str]) -> None:
+        """Keep the lot's latest deny-list (it must hold offline and across restarts)."""
+        accounts = list(accounts)
+        with self._transaction():
+            self._conn.execute("DELETE FROM denylist")
+            # One marker row names the list even when it is empty.
+            self._conn.execute("INSERT INTO denylist VALUES (?, NULL)", (list_id,))
+            self._conn.executemany(
+                "INSERT INTO denylist VALUES (?, ?)", [(list_id, a) for a in accounts]
+            )
+
+    def load_denylist(self) -> tuple[str | None, list[str]]:
+        """The saved deny-list: ``(list_id, accounts)``, or ``(None, [])`` if none was saved."""
+        rows = self._conn.execute("SELECT list_id, account_id FROM denylist").fetchall()
+        if not rows:
+            return None, []
+        return rows[0][0], sorted(a for _, a in rows if a is not None)
 
     # -- reads ---------------------------------------------------------------------------------
     def get(self, event_id: str) -> ScanEvent | None:

@@ -18,7 +18,14 @@ from gateway_firmware.uplink.outbox import Outbox
 from parking_protocol.clock import FakeClock
 from parking_protocol.qr_token import issue_code, public_key_text
 from parking_protocol.transport import InMemoryBroker
-from sim_devices.devices import MarkerDecoder, ScriptedCamera, SimDisplay, SimGate, SimPresence
+from sim_devices.devices import (
+    MarkerDecoder,
+    ScriptedCamera,
+    SimDisplay,
+    SimGate,
+    SimIndicator,
+    SimPresence,
+)
 
 
 @pytest.fixture
@@ -79,7 +86,12 @@ async def harness_factory(
         gate = SimGate(clock, presence=detector)
         display = SimDisplay(clock)
         hardware = Hardware(
-            camera=camera, decoder=MarkerDecoder(), gate=gate, display=display, presence=detector
+            camera=camera,
+            decoder=MarkerDecoder(),
+            gate=gate,
+            display=display,
+            presence=detector,
+            indicator=SimIndicator(clock),
         )
         outbox = Outbox(settings.outbox_file)
         transport = broker.client(

@@ -333,3 +333,48 @@ async def test_event_is_in_the_outbox_before_its_first_publish(
     h.camera.push_code(issue())
     await eventually(lambda: h.gate.is_open)
     assert stored_at_publish == [True]
+
+
+async def test_late_answer_that_disagrees_with_the_offline_decision_is_reported_back(
+    harness: Harness, issue: Callable[..., str]
+) -> None:
+    """The service was slow: the lane opened offline, then a late deny arrives. The barrier
+    already opened, so the event stays in the outbox and goes again with its offline
+    decision until the service acknowledges that (an EventAck)."""
+    h = harness
+    h.server.silent = True
+    h.camera.push_code(issue())
+    await eventually(lambda: len(h.server.events) == 1)
+    h.clock.advance(timedelta(seconds=h.settings.timeouts.decision_timeout_s))
+    await eventually(lambda: h.gate.is_open, what="offline open")
+    h.server.silent = False
+    event = h.server.events[0]
+    late = h.server.command(
+        event_id=event.event_id,
+        action=GateAction.DENY,
+        reason=Reason.INSUFFICIENT_BALANCE,
+        display=DENY_TEXT[Reason.INSUFFICIENT_BALANCE],
+    )
+    await h.server.send(encode(late))
+    await eventually(lambda: len(h.server.events) == 2, what="offline decision resent")
+    resent = h.server.events[1]
+    assert resent.event_id == event.event_id
+    assert resent.offline is not None and resent.offline.action is GateAction.OPEN
+    await eventually(lambda: h.gateway.outbox.depth == 0, what="ack settles it")
+    assert h.gateway.stats.late_disagreements == 1
+    assert h.gate.events() == ["open"]  # the late deny did not touch the barrier
+
+
+async def test_late_answer_that_agrees_with_the_offline_decision_settles_the_event(
+    harness: Harness, issue: Callable[..., str]
+) -> None:
+    h = harness
+    h.server.silent = True
+    h.camera.push_code(issue())
+    await eventually(lambda: len(h.server.events) == 1)
+    h.clock.advance(timedelta(seconds=h.settings.timeouts.decision_timeout_s))
+    await eventually(lambda: h.gate.is_open)
+    await h.server.send(encode(h.server.command(event_id=h.server.events[0].event_id)))
+    await eventually(lambda: h.gateway.outbox.depth == 0)
+    assert len(h.server.events) == 1
+    assert h.gateway.stats.late_disagreements == 0

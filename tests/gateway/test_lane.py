@@ -17,6 +17,7 @@ from gateway_firmware.core.lane import (
     CodeDecoded,
     CommandReceived,
     DecisionTimeout,
+    Feedback,
     Lane,
     LaneState,
     OpenGate,
@@ -25,6 +26,7 @@ from gateway_firmware.core.lane import (
     RecordOffline,
     SendReply,
     Show,
+    Signal,
     Tick,
 )
 from gateway_firmware.core.local_verify import LocalVerifier
@@ -110,6 +112,7 @@ def test_open_command_for_the_awaited_event_opens(key: Ed25519PrivateKey) -> Non
     actions = lane.handle(CommandReceived(cmd), T0 + timedelta(seconds=1))
     assert of(OpenGate, actions) == [OpenGate()]
     assert Show("Welcome alice") in actions
+    assert of(Signal, actions) == [Signal(Feedback.ACCEPTED)]
     assert SendReply(cmd.command_id, CommandOutcome.ACCEPTED) in actions
     assert lane.state is LaneState.OPEN
 
@@ -122,6 +125,7 @@ def test_deny_command_shows_the_reason_and_stays_closed(key: Ed25519PrivateKey) 
     actions = lane.handle(CommandReceived(cmd), T0)
     assert of(OpenGate, actions) == []
     assert Show(text) in actions
+    assert of(Signal, actions) == [Signal(Feedback.DENIED)]
     assert lane.state is LaneState.IDLE
 
 
@@ -156,7 +160,7 @@ def test_bad_code_is_refused_locally_without_an_event(
     actions = lane.handle(CodeDecoded(make_code(key)), T0)
     assert of(PublishEvent, actions) == []
     assert of(OpenGate, actions) == []
-    assert actions == [Show(DENY_TEXT[reason])]
+    assert actions == [Show(DENY_TEXT[reason]), Signal(Feedback.DENIED)]
     assert lane.state is LaneState.IDLE
     assert lane.local_denials[reason] == 1
 

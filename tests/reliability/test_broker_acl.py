@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import missing_service
+from service_guard import missing_service
 
 from parking_protocol.mqtt import MqttTransport, parse_broker_url
 from parking_protocol.topics import TopicKind, gate_topic
