@@ -44,6 +44,12 @@ def _broker_config(argv: list[str]) -> int:
     return broker_main(argv)
 
 
+def _simtest(argv: list[str]) -> int:
+    from qrpark.simtest import main as simtest_main
+
+    return simtest_main(argv)
+
+
 def _schema(argv: list[str]) -> int:
     from parking_protocol.schema import render
 
@@ -56,6 +62,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "server": _server,
     "gateway": _gateway,
     "sim": _sim,
+    "simtest": _simtest,
     "schema": _schema,
     "broker-config": _broker_config,
 }
