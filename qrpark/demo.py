@@ -37,6 +37,8 @@ __all__ = ["main"]
 
 log = logging.getLogger("qrpark.demo")
 
+DEMO_ADMIN_PASSWORD = "demo-admin-1"  # noqa: S105 - the demo's published sign-in
+DEMO_DRIVER_PIN = "0000"
 TARIFF = {"grace_minutes": 0, "hourly_minor": 500, "daily_cap_minor": 6000, "currency": "CNY"}
 
 
@@ -112,6 +114,9 @@ def start_server(data_dir: Path, broker_url: str, port: int) -> subprocess.Popen
         "QRPARK_DATABASE_URL": f"sqlite:///{data_dir}/qrpark.db",
         "QRPARK_MQTT_URL": broker_url,
         "QRPARK_KEY_FILE": str(data_dir / "keys" / "signing.pem"),
+        # Demo sign-ins (development only; production refuses placeholder secrets).
+        "QRPARK_ADMIN_PASSWORD": os.environ.get("QRPARK_ADMIN_PASSWORD", DEMO_ADMIN_PASSWORD),
+        "QRPARK_DEMO_DRIVER_PIN": os.environ.get("QRPARK_DEMO_DRIVER_PIN", DEMO_DRIVER_PIN),
     }
     log_file = (data_dir / "server.log").open("ab")
     try:
@@ -267,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.2)
         print(
             f"\nqrpark demo is running\n"
-            f"  operator API and docs : {api.base}/docs\n"
-            f"  lot occupancy         : {api.base}/api/v1/lots/{args.lot}\n"
-            f"  a driver's live code  : {api.base}/driver/demo-1\n"
+            f"  operator panel        : {api.base}/panel  (admin / {DEMO_ADMIN_PASSWORD})\n"
+            f"  driver page           : {api.base}/driver  (demo-1 / PIN {DEMO_DRIVER_PIN})\n"
+            f"  API docs              : {api.base}/docs\n"
             f"  MQTT broker           : {broker_url}\n"
             f"  data and logs         : {data_dir}\n"
             f"Ctrl-C stops it.\n",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 
@@ -33,9 +33,9 @@ from server.gateways.models import GateCreate, GateRead
 from server.keys import KeyRing, load_or_create_keys
 from server.lots import service as lots
 from server.lots.models import LotCreate, LotRead
-from server.mqtt.bridge import Bridge, BridgeStats, ScanHandler
+from server.mqtt.bridge import BatchListener, Bridge, BridgeStats, Inbound, ScanHandler
 from server.sessions import service as sessions
-from server.sessions.flows import FlowConfig, handle_scan
+from server.sessions.flows import FlowConfig, Reply, handle_scan
 from server.sessions.models import SessionRead
 
 __all__ = ["Central", "build_central"]
@@ -73,6 +73,7 @@ class Central:
             command_ttl=timedelta(seconds=settings.command_ttl_s),
         )
         self.bridge: Bridge | None = None
+        self.batch_listeners: list[BatchListener] = []  # e.g. the panel's live feed
         if transport is not None:
             self.bridge = Bridge(
                 transport,
@@ -82,8 +83,13 @@ class Central:
                 shared_group=settings.mqtt_shared_group,
                 max_batch=settings.max_batch,
                 handler=handler,
+                on_batch=self._notify,
             )
         self.started = False
+
+    def _notify(self, batch: Sequence[Inbound], replies: Sequence[Reply]) -> None:
+        for listener in self.batch_listeners:
+            listener(batch, replies)
 
     @property
     def stats(self) -> BridgeStats:

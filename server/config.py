@@ -43,6 +43,12 @@ class ServerSettings(BaseSettings):
     command_ttl_s: Annotated[int, Field(ge=1, le=300)] = 10
     max_batch: Annotated[int, Field(ge=1, le=10_000)] = 200
 
+    # Operator panel and driver page (server.auth / server.panel / server.driver).
+    admin_username: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")] = "admin"
+    admin_password: SecretStr | None = None  # creates the first admin when no user exists
+    session_hours: Annotated[int, Field(ge=1, le=24 * 30)] = 12
+    demo_driver_pin: SecretStr | None = None  # development only: PIN of accounts without one
+
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, value: str) -> str:
@@ -64,4 +70,20 @@ class ServerSettings(BaseSettings):
             and self.mqtt_password.get_secret_value().lower() in _PLACEHOLDER_SECRETS
         ):
             raise ValueError("mqtt_password is a placeholder; set a real secret in production")
+        return self
+
+    @model_validator(mode="after")
+    def _panel_secrets(self) -> ServerSettings:
+        if self.environment != "production":
+            return self
+        password = self.admin_password.get_secret_value() if self.admin_password else None
+        if password is not None and (
+            password.lower() in _PLACEHOLDER_SECRETS | {"admin", "demo"} or len(password) < 10
+        ):
+            raise ValueError(
+                "admin_password is a placeholder or shorter than 10 characters; "
+                "set a real secret in production"
+            )
+        if self.demo_driver_pin is not None:
+            raise ValueError("demo_driver_pin is for development only; unset it in production")
         return self

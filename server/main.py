@@ -19,6 +19,9 @@ from server.driver import router as driver_router
 from server.errors import DomainError
 from server.gateways import router as gateways_router
 from server.lots import router as lots_router
+from server.panel.app import install_panel, start_panel
+from server.payments import router as payments_router
+from server.pricing import router as pricing_router
 from server.sessions import router as sessions_router
 
 __all__ = ["create_app"]
@@ -43,9 +46,11 @@ def create_app(
         central = build_central(settings, clock=clock, transport=transport)
         await central.start()
         app.state.central = central
+        panel = await start_panel(app, central)
         try:
             yield
         finally:
+            await panel.stop()
             await central.stop()
 
     app = FastAPI(
@@ -72,6 +77,9 @@ def create_app(
         accounts_router,
         sessions_router,
         driver_router,
+        pricing_router,
+        payments_router,
     ):
         app.include_router(module.router)
+    install_panel(app)
     return app

@@ -7,8 +7,12 @@ from sqlmodel import SQLModel
 
 from server.accounts.models import Account, LedgerTransaction, Posting, TopupRequest
 from server.audit.models import AuditEntry
+from server.auth.models import DriverCredential, User, WebSession
 from server.gateways.models import CommandReplyRecord, Gate, GatewayStatusRecord
 from server.lots.models import Lot
+from server.panel.models import GateStatusChange
+from server.payments.models import IdempotencyRecord, Payment, Permit, Refund, Validation
+from server.pricing.models import TariffVersion
 from server.sessions.models import DeadLetter, ParkingSession, ProcessedEvent, UsedNonce
 
 __all__ = [
@@ -16,15 +20,25 @@ __all__ = [
     "AuditEntry",
     "CommandReplyRecord",
     "DeadLetter",
+    "DriverCredential",
     "Gate",
+    "GateStatusChange",
     "GatewayStatusRecord",
+    "IdempotencyRecord",
     "LedgerTransaction",
     "Lot",
     "ParkingSession",
+    "Payment",
+    "Permit",
     "Posting",
     "ProcessedEvent",
+    "Refund",
+    "TariffVersion",
     "TopupRequest",
     "UsedNonce",
+    "User",
+    "Validation",
+    "WebSession",
     "metadata",
 ]
 

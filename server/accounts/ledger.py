@@ -1,6 +1,14 @@
 """Double-entry postings, pure: every transaction's signed amounts sum to zero.
 
-A wallet's balance is the sum of its postings; postings are only ever inserted.
+Ledger accounts (a positive balance is money held for that account):
+
+* ``wallet:{account}`` a driver's prepaid wallet;
+* ``debt:{account}`` what a driver owes (negative while owed);
+* ``revenue:lot:{lot}`` what a lot earned; ``refunds:lot:{lot}`` what it gave back;
+* ``external:topup`` money that arrived from outside into wallets;
+* ``clearing:{provider}`` money a payment provider collected for us (negative) or gave back.
+
+Postings are only ever inserted; every balance is a sum of postings.
 
 >>> [(p.ledger_account, p.amount_minor) for p in topup_postings("alice", 1000)]
 [('wallet:alice', 1000), ('external:topup', -1000)]
@@ -12,9 +20,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "TOPUP_SOURCE",
     "PostingSpec",
     "assert_balanced",
     "charge_postings",
+    "clearing_account",
+    "collect_postings",
+    "debt_account",
+    "payment_postings",
+    "refund_postings",
+    "refunds_account",
     "revenue_account",
     "topup_postings",
     "wallet_account",
@@ -33,8 +48,20 @@ def wallet_account(account_id: str) -> str:
     return f"wallet:{account_id}"
 
 
+def debt_account(account_id: str) -> str:
+    return f"debt:{account_id}"
+
+
 def revenue_account(lot_id: str) -> str:
     return f"revenue:lot:{lot_id}"
+
+
+def refunds_account(lot_id: str) -> str:
+    return f"refunds:lot:{lot_id}"
+
+
+def clearing_account(provider: str) -> str:
+    return f"clearing:{provider}"
 
 
 def assert_balanced(postings: Sequence[PostingSpec]) -> None:
@@ -42,10 +69,14 @@ def assert_balanced(postings: Sequence[PostingSpec]) -> None:
         raise ValueError("a ledger transaction needs two or more postings summing to zero")
 
 
+def _positive(amount_minor: int, what: str) -> None:
+    if amount_minor <= 0:
+        raise ValueError(f"a {what} must be positive")
+
+
 def topup_postings(account_id: str, amount_minor: int) -> tuple[PostingSpec, ...]:
     """Money arriving from outside into the driver's wallet."""
-    if amount_minor <= 0:
-        raise ValueError("a top-up must be positive")
+    _positive(amount_minor, "top-up")
     return (
         PostingSpec(wallet_account(account_id), amount_minor),
         PostingSpec(TOPUP_SOURCE, -amount_minor),
@@ -54,9 +85,25 @@ def topup_postings(account_id: str, amount_minor: int) -> tuple[PostingSpec, ...
 
 def charge_postings(account_id: str, lot_id: str, amount_minor: int) -> tuple[PostingSpec, ...]:
     """A parking fee moving from the driver's wallet to the lot's revenue."""
-    if amount_minor <= 0:
-        raise ValueError("a charge must be positive")
+    return payment_postings(wallet_account(account_id), lot_id, amount_minor)
+
+
+def payment_postings(source: str, lot_id: str, amount_minor: int) -> tuple[PostingSpec, ...]:
+    """A parking fee from ``source`` (a wallet, a provider's clearing, or a debt)."""
+    _positive(amount_minor, "charge")
+    return (PostingSpec(source, -amount_minor), PostingSpec(revenue_account(lot_id), amount_minor))
+
+
+def collect_postings(source: str, account_id: str, amount_minor: int) -> tuple[PostingSpec, ...]:
+    """Paying off part of a driver's debt from ``source`` (their wallet or a card)."""
+    _positive(amount_minor, "collection")
+    return (PostingSpec(source, -amount_minor), PostingSpec(debt_account(account_id), amount_minor))
+
+
+def refund_postings(lot_id: str, destination: str, amount_minor: int) -> tuple[PostingSpec, ...]:
+    """A lot giving money back to ``destination`` (a wallet, a card's clearing, a debt)."""
+    _positive(amount_minor, "refund")
     return (
-        PostingSpec(wallet_account(account_id), -amount_minor),
-        PostingSpec(revenue_account(lot_id), amount_minor),
+        PostingSpec(refunds_account(lot_id), -amount_minor),
+        PostingSpec(destination, amount_minor),
     )

@@ -32,13 +32,19 @@ class Account(SQLModel, table=True):
     currency: str = Field(max_length=3)
     blocked: bool = False
     created_at: datetime = Field(sa_type=UTCDateTime)
+    # How the account pays at exits: its prepaid wallet, or a card through a provider.
+    payment_method: str = Field(
+        default="wallet", max_length=16, sa_column_kwargs={"server_default": "wallet"}
+    )
+    card_token: str | None = Field(default=None, max_length=100)
+    card_label: str | None = Field(default=None, max_length=100)
 
 
 class LedgerTransaction(SQLModel, table=True):
     __tablename__ = "ledger_transactions"
 
     transaction_id: str = Field(primary_key=True, max_length=64)
-    kind: str = Field(max_length=16)  # topup | charge
+    kind: str = Field(max_length=16)  # topup | charge | collect | refund
     account_id: str = Field(max_length=36, index=True)
     reference: str | None = Field(default=None, max_length=200)
     created_at: datetime = Field(sa_type=UTCDateTime)
@@ -85,6 +91,9 @@ class AccountRead(BaseModel):
     currency: str
     blocked: bool
     balance_minor: int
+    debt_minor: int = 0  # unpaid stays, collected at the next top-up or card charge
+    payment_method: str = "wallet"
+    card_label: str | None = None
     created_at: datetime
 
 
@@ -100,6 +109,7 @@ class TopupRead(BaseModel):
     amount_minor: int
     currency: str
     balance_minor: int
+    collected_minor: int = 0  # debts paid off from this top-up
     created_at: datetime
 
 

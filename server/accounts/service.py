@@ -5,20 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapper
-from sqlmodel import Session, select
+from sqlmodel import Session
 
-from parking_protocol.messages import new_id
+from server.accounts import book
 from server.accounts.ledger import (
-    PostingSpec,
-    assert_balanced,
     charge_postings,
+    debt_account,
     topup_postings,
     wallet_account,
 )
@@ -26,12 +22,11 @@ from server.accounts.models import (
     Account,
     AccountCreate,
     AccountRead,
-    LedgerTransaction,
-    Posting,
     TopupRead,
     TopupRequest,
 )
 from server.errors import ConflictError, NotFoundError, UnprocessableError
+from server.payments import debts
 
 __all__ = [
     "TopupOutcome",
@@ -39,19 +34,12 @@ __all__ = [
     "balance",
     "charge",
     "create_account",
+    "debt",
     "get_account",
     "require_account",
     "set_blocked",
     "topup",
 ]
-
-
-@sa.event.listens_for(Posting, "before_update")
-@sa.event.listens_for(Posting, "before_delete")
-def _postings_are_append_only(
-    _mapper: Mapper[Posting], _conn: sa.Connection, target: Posting
-) -> None:
-    raise RuntimeError(f"ledger posting {target.posting_id} must never be changed or deleted")
 
 
 def get_account(db: Session, account_id: str) -> Account | None:
@@ -67,12 +55,12 @@ def require_account(db: Session, account_id: str) -> Account:
 
 def balance(db: Session, account_id: str, currency: str) -> int:
     """The wallet balance in minor units: the sum of its postings in ``currency``."""
-    total = db.exec(
-        select(sa.func.coalesce(sa.func.sum(Posting.amount_minor), 0)).where(
-            Posting.ledger_account == wallet_account(account_id), Posting.currency == currency
-        )
-    ).one()
-    return int(total)
+    return book.balance_of(db, wallet_account(account_id), currency)
+
+
+def debt(db: Session, account_id: str, currency: str) -> int:
+    """What the driver owes (positive), from the postings of their debt account."""
+    return -book.balance_of(db, debt_account(account_id), currency)
 
 
 def account_read(db: Session, account: Account) -> AccountRead:
@@ -82,6 +70,9 @@ def account_read(db: Session, account: Account) -> AccountRead:
         currency=account.currency,
         blocked=account.blocked,
         balance_minor=balance(db, account.account_id, account.currency),
+        debt_minor=debt(db, account.account_id, account.currency),
+        payment_method=account.payment_method,
+        card_label=account.card_label,
         created_at=account.created_at,
     )
 
@@ -107,41 +98,6 @@ def set_blocked(db: Session, account_id: str, blocked: bool) -> Account:
     return account
 
 
-def _post(
-    db: Session,
-    *,
-    kind: str,
-    account_id: str,
-    postings: Sequence[PostingSpec],
-    currency: str,
-    reference: str | None,
-    now: datetime,
-) -> str:
-    assert_balanced(postings)
-    transaction_id = new_id()
-    db.add(
-        LedgerTransaction(
-            transaction_id=transaction_id,
-            kind=kind,
-            account_id=account_id,
-            reference=reference,
-            created_at=now,
-        )
-    )
-    db.flush()  # the transaction row exists before its postings reference it
-    for spec in postings:
-        db.add(
-            Posting(
-                transaction_id=transaction_id,
-                ledger_account=spec.ledger_account,
-                amount_minor=spec.amount_minor,
-                currency=currency,
-            )
-        )
-    db.flush()
-    return transaction_id
-
-
 def charge(
     db: Session,
     *,
@@ -152,8 +108,8 @@ def charge(
     reference: str,
     now: datetime,
 ) -> str:
-    """Move a parking fee from the wallet to the lot's revenue (may leave a debt)."""
-    return _post(
+    """Move a parking fee from the wallet to the lot's revenue."""
+    return book.post(
         db,
         kind="charge",
         account_id=account_id,
@@ -186,14 +142,15 @@ def topup(
 ) -> TopupOutcome:
     """Credit a wallet once per Idempotency-Key; the same key replays the first answer.
 
-    Commits: the key, the ledger transaction and the stored answer go in one transaction.
+    Debts (unpaid stays) are collected from the new balance, oldest first. Commits: the key,
+    the ledger transactions and the stored answer go in one transaction.
     """
     request_hash = _request_hash(account_id, amount_minor)
     existing = db.get(TopupRequest, (account_id, idempotency_key))
     if existing is not None:
         return _replay(existing, request_hash)
     account = require_account(db, account_id)
-    transaction_id = _post(
+    transaction_id = book.post(
         db,
         kind="topup",
         account_id=account_id,
@@ -202,12 +159,14 @@ def topup(
         reference=f"topup:{idempotency_key}",
         now=now,
     )
+    collected = debts.collect_from_wallet(db, account, now=now)
     response = TopupRead(
         transaction_id=transaction_id,
         account_id=account_id,
         amount_minor=amount_minor,
         currency=account.currency,
         balance_minor=balance(db, account_id, account.currency),
+        collected_minor=collected,
         created_at=now,
     )
     db.add(

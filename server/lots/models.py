@@ -1,7 +1,7 @@
 """The ``lots`` table and the lot API schemas."""
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
@@ -11,11 +11,13 @@ from sqlmodel import Field, SQLModel
 
 from parking_protocol.types import LotId
 from server.db import UTCDateTime
-from server.pricing.engine import Tariff
+from server.pricing.models import TariffInput, TariffSchema
 
-__all__ = ["Lot", "LotCreate", "LotRead", "Occupancy", "TariffSchema"]
+__all__ = ["Lot", "LotCreate", "LotRead", "Occupancy", "PaymentPolicy", "TariffSchema"]
 
-Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+PaymentPolicy = Literal["pay_on_exit", "pay_later"]
+"""``pay_on_exit``: the exit opens only once paid. ``pay_later``: the exit always opens and
+an unpaid stay becomes a debt, collected at the next top-up or card charge."""
 
 
 class Lot(SQLModel, table=True):
@@ -25,40 +27,28 @@ class Lot(SQLModel, table=True):
     name: str = Field(max_length=200)
     capacity: int
     timezone: str = Field(max_length=64)
+    # The shorthand of the first tariff version (kept for old readers; versions rule).
     grace_minutes: int
     hourly_minor: int = Field(sa_type=sa.BigInteger)
     daily_cap_minor: int | None = Field(default=None, sa_type=sa.BigInteger, nullable=True)
     currency: str = Field(max_length=3)
+    payment_policy: str = Field(
+        default="pay_on_exit", max_length=16, sa_column_kwargs={"server_default": "pay_on_exit"}
+    )
     created_at: datetime = Field(sa_type=UTCDateTime)
-
-    def tariff(self) -> Tariff:
-        return Tariff(
-            grace_minutes=self.grace_minutes,
-            hourly_minor=self.hourly_minor,
-            daily_cap_minor=self.daily_cap_minor,
-            currency=self.currency,
-        )
-
-
-class TariffSchema(BaseModel):
-    """The lot's simple tariff (amounts in integer minor units)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    grace_minutes: Annotated[int, PydanticField(ge=0, le=24 * 60)] = 15
-    hourly_minor: Annotated[int, PydanticField(ge=0, le=10**9)] = 500
-    daily_cap_minor: Annotated[int, PydanticField(ge=0, le=10**10)] | None = 6000
-    currency: Currency = "CNY"
 
 
 class LotCreate(BaseModel):
+    """A lot; ``tariff`` (full or shorthand) becomes its tariff version 1."""
+
     model_config = ConfigDict(extra="forbid")
 
     lot_id: LotId
     name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
     capacity: Annotated[int, PydanticField(ge=1, le=1_000_000)]
     timezone: str = "Asia/Shanghai"
-    tariff: TariffSchema = TariffSchema()
+    tariff: TariffInput = TariffSchema()
+    payment_policy: PaymentPolicy = "pay_on_exit"
 
     @field_validator("timezone")
     @classmethod
@@ -81,6 +71,8 @@ class LotRead(BaseModel):
     name: str
     capacity: int
     timezone: str
-    tariff: TariffSchema
+    tariff: TariffSchema  # shorthand summary of the version in force now
+    tariff_version: int
+    payment_policy: PaymentPolicy
     occupancy: Occupancy
     created_at: datetime

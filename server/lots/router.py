@@ -17,14 +17,14 @@ router = APIRouter(prefix="/api/v1/lots", tags=["lots"])
 def create_lot(data: LotCreate, db: SessionDep, now: NowDep) -> LotRead:
     lot = service.create_lot(db, data, now=now)
     db.commit()
-    return service.lot_read(db, lot)
+    return service.lot_read(db, lot, now=now)
 
 
 @router.get("")
-def list_lots(db: SessionDep) -> list[LotRead]:
-    return [service.lot_read(db, lot) for lot in service.list_lots(db)]
+def list_lots(db: SessionDep, now: NowDep) -> list[LotRead]:
+    return [service.lot_read(db, lot, now=now) for lot in service.list_lots(db)]
 
 
 @router.get("/{lot_id}")
-def get_lot(lot_id: str, db: SessionDep) -> LotRead:
-    return service.lot_read(db, service.require_lot(db, lot_id))
+def get_lot(lot_id: str, db: SessionDep, now: NowDep) -> LotRead:
+    return service.lot_read(db, service.require_lot(db, lot_id), now=now)

@@ -1,4 +1,4 @@
-"""Data access for lots."""
+"""Data access for lots (a new lot gets its first tariff version in the same transaction)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from server.errors import ConflictError, NotFoundError
-from server.lots.models import Lot, LotCreate, LotRead, Occupancy, TariffSchema
+from server.lots.models import Lot, LotCreate, LotRead, Occupancy
+from server.pricing import service as pricing
+from server.pricing.models import TariffSpec, TariffVersion, full_spec
 from server.sessions.service import count_open
 
 __all__ = ["create_lot", "get_lot", "list_lots", "lot_read", "require_lot"]
@@ -32,15 +34,18 @@ def list_lots(db: Session) -> list[Lot]:
 def create_lot(db: Session, data: LotCreate, *, now: datetime) -> Lot:
     if db.get(Lot, data.lot_id) is not None:
         raise ConflictError(f"lot {data.lot_id!r} already exists")
+    spec = full_spec(data.tariff)
+    summary = spec.summary()
     lot = Lot(
         lot_id=data.lot_id,
         name=data.name,
         capacity=data.capacity,
         timezone=data.timezone,
-        grace_minutes=data.tariff.grace_minutes,
-        hourly_minor=data.tariff.hourly_minor,
-        daily_cap_minor=data.tariff.daily_cap_minor,
-        currency=data.tariff.currency,
+        grace_minutes=summary.grace_minutes,
+        hourly_minor=summary.hourly_minor,
+        daily_cap_minor=summary.daily_cap_minor,
+        currency=spec.currency,
+        payment_policy=data.payment_policy,
         created_at=now,
     )
     db.add(lot)
@@ -48,22 +53,36 @@ def create_lot(db: Session, data: LotCreate, *, now: datetime) -> Lot:
         db.flush()
     except IntegrityError:
         raise ConflictError(f"lot {data.lot_id!r} already exists") from None
+    pricing.add_version(
+        db,
+        lot_id=lot.lot_id,
+        currency=lot.currency,
+        tariff=spec,
+        effective_from=now,
+        now=now,
+        note="initial tariff",
+    )
     return lot
 
 
-def lot_read(db: Session, lot: Lot) -> LotRead:
+def _current(db: Session, lot: Lot, now: datetime | None) -> TariffVersion:
+    if now is not None:
+        return pricing.version_at(db, lot.lot_id, now)
+    return pricing.list_versions(db, lot.lot_id)[-1]
+
+
+def lot_read(db: Session, lot: Lot, *, now: datetime | None = None) -> LotRead:
+    """The lot with the tariff in force at ``now`` (without ``now``: the newest version)."""
     open_sessions = count_open(db, lot.lot_id)
+    version = _current(db, lot, now)
     return LotRead(
         lot_id=lot.lot_id,
         name=lot.name,
         capacity=lot.capacity,
         timezone=lot.timezone,
-        tariff=TariffSchema(
-            grace_minutes=lot.grace_minutes,
-            hourly_minor=lot.hourly_minor,
-            daily_cap_minor=lot.daily_cap_minor,
-            currency=lot.currency,
-        ),
+        tariff=TariffSpec.model_validate_json(version.spec_json).summary(),
+        tariff_version=version.version,
+        payment_policy="pay_later" if lot.payment_policy == "pay_later" else "pay_on_exit",
         occupancy=Occupancy(
             open_sessions=open_sessions,
             capacity=lot.capacity,

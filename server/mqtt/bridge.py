@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -43,7 +43,7 @@ from server.sessions.flows import (
 )
 from server.sessions.service import record_dead_letter
 
-__all__ = ["Bridge", "BridgeStats", "Inbound", "ScanHandler"]
+__all__ = ["BatchListener", "Bridge", "BridgeStats", "Inbound", "ScanHandler"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,10 @@ class Inbound:
     message: ScanEvent | GatewayStatus | CommandReply
 
 
+BatchListener = Callable[[Sequence[Inbound], Sequence[Reply]], None]
+"""Called on the event loop after each batch committed, with its messages and replies."""
+
+
 class Bridge:
     """Consumes gate events, statuses and replies; publishes commands and acks."""
 
@@ -98,8 +102,10 @@ class Bridge:
         max_batch: int = 200,
         queue_size: int = 10_000,
         handler: ScanHandler = handle_scan,
+        on_batch: BatchListener | None = None,
     ) -> None:
         self.transport = transport
+        self.on_batch = on_batch
         self.engine = engine
         self.clock = clock
         self.config = config
@@ -196,6 +202,11 @@ class Bridge:
                     for item in batch
                     if isinstance(item.message, ScanEvent)
                 ]
+            if self.on_batch is not None:
+                try:
+                    self.on_batch(batch, replies)
+                except Exception:
+                    log.exception("batch listener failed")
             await self._outbox.put((replies, len(batch)))
 
     def process_batch(self, batch: list[Inbound]) -> list[Reply]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -21,11 +21,17 @@ from parking_protocol.qr_token import CodeClaims, CodeRejected, verify_code
 from parking_protocol.topics import TopicKind, TopicRef, gate_topic
 from parking_protocol.types import DENY_TEXT, Direction, GateAction, Money, Reason
 from server.accounts import service as accounts
+from server.accounts.models import Account
 from server.gateways.service import get_gate
 from server.lots.models import Lot
 from server.lots.service import get_lot
-from server.pricing.engine import quote
+from server.payments import service as payments
+from server.payments.provider import PaymentProviders
+from server.pricing import service as pricing
+from server.pricing.adjust import StayPrice
+from server.pricing.engine import lost_ticket_quote
 from server.sessions import service as sessions
+from server.sessions.models import ParkingSession
 
 __all__ = ["FlowConfig", "Reply", "handle_scan", "internal_error_reply", "unavailable_reply"]
 
@@ -37,6 +43,7 @@ class FlowConfig:
     keys: Mapping[str, Ed25519PublicKey]
     skew: timedelta = timedelta(seconds=5)
     command_ttl: timedelta = timedelta(seconds=10)
+    payments: PaymentProviders = field(default_factory=PaymentProviders)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +63,7 @@ class _Decision:
     reason: Reason
     amount: Money | None = None
     session_id: str | None = None
+    display: str | None = None
 
 
 def _deny(reason: Reason) -> _Decision:
@@ -63,6 +71,8 @@ def _deny(reason: Reason) -> _Decision:
 
 
 def _display(decision: _Decision) -> str:
+    if decision.display is not None:
+        return decision.display
     if decision.reason == Reason.PAID and decision.amount and decision.amount.amount_minor:
         return f"Paid {decision.amount.display()} - thank you"
     return DENY_TEXT[decision.reason]
@@ -216,38 +226,10 @@ def _decide(
         _burn(db, claims, event, now)
         return _Decision(GateAction.OPEN, Reason.WELCOME, session_id=parking.session_id)
 
-    if current is None:
-        return _deny(Reason.NO_OPEN_SESSION)
-    price = quote(lot.tariff(), current.entered_at, now)
-    amount = price.amount
-    settlement, transaction_id = "free", None
-    if amount.amount_minor > 0:
-        if account.currency != amount.currency or (
-            accounts.balance(db, account.account_id, amount.currency) < amount.amount_minor
-        ):
-            return _Decision(GateAction.DENY, Reason.INSUFFICIENT_BALANCE, amount=amount)
-        settlement = "paid"
-        transaction_id = accounts.charge(
-            db,
-            account_id=account.account_id,
-            lot_id=lot.lot_id,
-            amount_minor=amount.amount_minor,
-            currency=amount.currency,
-            reference=f"session:{current.session_id}",
-            now=now,
-        )
-    sessions.close_session(
-        db,
-        current,
-        gate_id=event.gate_id,
-        event_id=event.event_id,
-        exited_at=now,
-        quote=price,
-        settlement=settlement,
-        charge_transaction_id=transaction_id,
-    )
-    _burn(db, claims, event, now)
-    return _Decision(GateAction.OPEN, Reason.PAID, amount=amount, session_id=current.session_id)
+    decision = _exit(_Exit(db, event, lot, account, now, config, offline=False), current)
+    if decision.action == GateAction.OPEN:
+        _burn(db, claims, event, now)
+    return decision
 
 
 def _burn(db: Session, claims: CodeClaims, event: ScanEvent, now: datetime) -> None:
@@ -297,35 +279,112 @@ def _reconcile(db: Session, event: ScanEvent, ref: TopicRef, config: FlowConfig)
         )
         return _Decision(GateAction.OPEN, Reason.WELCOME, session_id=parking.session_id)
 
+    return _exit(_Exit(db, event, lot, account, at, config, offline=True), current)
+
+
+@dataclass(frozen=True, slots=True)
+class _Exit:
+    """One exit being decided (online, or reconciled after an offline open)."""
+
+    db: Session
+    event: ScanEvent
+    lot: Lot
+    account: Account
+    at: datetime
+    config: FlowConfig
+    offline: bool
+
+
+def _exit(exit_: _Exit, current: ParkingSession | None) -> _Decision:
+    """Price and settle the stay; open, or deny with what is due and how to pay it.
+
+    Offline the gate already opened, and a ``pay_later`` lot always opens: a payment that
+    fails there turns the stay into a debt instead of a deny.
+    """
     if current is None:
-        log.warning("offline exit of %s with no open session in %s", account.account_id, lot.lot_id)
+        return _lost_ticket(exit_)
+    stay, version = payments.stay_price(exit_.db, exit_.lot, current, exit_.at)
+    return _settle(exit_, current, stay, version.version)
+
+
+def _lost_ticket(exit_: _Exit) -> _Decision:
+    """An exit with no known entry pays the tariff's flat fee, if it has one."""
+    db, lot, account = exit_.db, exit_.lot, exit_.account
+    version = pricing.version_at(db, lot.lot_id, exit_.at)
+    flat = lost_ticket_quote(pricing.tariff_of(version, lot.timezone))
+    if flat is None:
+        if exit_.offline:
+            log.warning(
+                "offline exit of %s with no open session in %s", account.account_id, lot.lot_id
+            )
         return _deny(Reason.NO_OPEN_SESSION)
-    price = quote(lot.tariff(), current.entered_at, at)
-    amount = price.amount
-    settlement, transaction_id = "free", None
-    if amount.amount_minor > 0:
-        available = accounts.balance(db, account.account_id, amount.currency)
-        # The car is already out: charge anyway; a short wallet goes negative (a debt).
-        settlement = "paid" if available >= amount.amount_minor else "owed"
-        transaction_id = accounts.charge(
-            db,
-            account_id=account.account_id,
-            lot_id=lot.lot_id,
-            amount_minor=amount.amount_minor,
-            currency=amount.currency,
-            reference=f"session:{current.session_id}",
-            now=at,
-        )
-    sessions.close_session(
-        db,
-        current,
-        gate_id=event.gate_id,
-        event_id=event.event_id,
-        exited_at=at,
-        quote=price,
-        settlement=settlement,
-        charge_transaction_id=transaction_id,
-        offline=True,
+    parking = ParkingSession(
+        session_id=new_id(),
+        account_id=account.account_id,
+        lot_id=lot.lot_id,
+        state="open",
+        entry_gate_id=exit_.event.gate_id,
+        entry_event_id=exit_.event.event_id,
+        entered_at=exit_.at,
+        offline_entry=exit_.offline,
+        currency=flat.amount.currency,
+        lost_ticket=True,
     )
-    reason = Reason.PAID if settlement != "owed" else Reason.INSUFFICIENT_BALANCE
-    return _Decision(GateAction.OPEN, reason, amount=amount, session_id=current.session_id)
+    return _settle(exit_, parking, StayPrice(flat, flat.amount.amount_minor), version.version)
+
+
+def _settle(exit_: _Exit, parking: ParkingSession, stay: StayPrice, version: int) -> _Decision:
+    due = stay.quote.amount.model_copy(update={"amount_minor": stay.due_minor})
+    settled = payments.settle(
+        exit_.db,
+        exit_.config.payments,
+        account=exit_.account,
+        lot_id=exit_.lot.lot_id,
+        session_id=parking.session_id,
+        amount=due,
+        key=f"exit:{parking.session_id}",
+        now=exit_.at,
+        allow_debt=exit_.offline or exit_.lot.payment_policy == "pay_later",
+        check_replay=False,  # handle_scan answered redeliveries already
+    )
+    if settled.status in ("declined", "unavailable"):
+        return _refused(settled, due)  # a lost-ticket session is never stored
+    method = settled.method
+    settlement: str = settled.status
+    if settled.status == "free" and parking.prepaid_minor:
+        method, settlement = parking.payment_method, "paid"
+    sessions.close_session(
+        exit_.db,
+        parking,
+        gate_id=exit_.event.gate_id,
+        event_id=exit_.event.event_id,
+        exited_at=exit_.at,
+        quote=stay.quote,
+        settlement=settlement,
+        charge_transaction_id=settled.transaction_id,
+        offline=exit_.offline,
+        tariff_version=version,
+        payment_method=method,
+    )
+    if settled.status == "owed":
+        return _Decision(
+            GateAction.OPEN,
+            Reason.INSUFFICIENT_BALANCE,
+            amount=due,
+            session_id=parking.session_id,
+            display=f"Unpaid {due.display()} - owed, top up in the app",
+        )
+    return _Decision(GateAction.OPEN, Reason.PAID, amount=due, session_id=parking.session_id)
+
+
+def _refused(settled: payments.Settlement, due: Money) -> _Decision:
+    """Deny an exit whose payment failed, saying what is due and what to do."""
+    if settled.status == "unavailable":
+        unconfirmed = f"Payment not confirmed: {due.display()} due - please scan again"
+        return _Decision(
+            GateAction.DENY, Reason.SERVICE_UNAVAILABLE, amount=due, display=unconfirmed
+        )
+    declined = None  # a short wallet: the standard text says why and how to top up
+    if settled.method == "card":
+        declined = f"Card declined: {due.display()} due - top up or change card in the app"
+    return _Decision(GateAction.DENY, Reason.INSUFFICIENT_BALANCE, amount=due, display=declined)

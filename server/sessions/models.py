@@ -8,6 +8,7 @@ from sqlmodel import Field, SQLModel
 
 from parking_protocol.types import Money
 from server.db import UTCDateTime
+from server.pricing.models import LineItemRead
 
 __all__ = [
     "DeadLetter",
@@ -62,6 +63,13 @@ class ParkingSession(SQLModel, table=True):
     settlement: str | None = Field(default=None, max_length=8)  # free | paid | owed
     charge_transaction_id: str | None = Field(default=None, max_length=64)
     quote_json: str | None = Field(default=None, sa_type=sa.Text, nullable=True)
+    tariff_version: int | None = None
+    payment_method: str | None = Field(default=None, max_length=16)  # wallet | card | debt
+    prepaid_minor: int = Field(
+        default=0, sa_type=sa.BigInteger, sa_column_kwargs={"server_default": "0"}
+    )
+    prepaid_at: datetime | None = Field(default=None, sa_type=UTCDateTime, nullable=True)
+    lost_ticket: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
 
 
 class UsedNonce(SQLModel, table=True):
@@ -102,12 +110,6 @@ class DeadLetter(SQLModel, table=True):
     created_at: datetime = Field(sa_type=UTCDateTime)
 
 
-class LineItemRead(BaseModel):
-    description: str
-    quantity: int
-    amount_minor: int
-
-
 class SessionRead(BaseModel):
     session_id: str
     account_id: str
@@ -123,3 +125,7 @@ class SessionRead(BaseModel):
     amount: Money | None
     settlement: str | None
     line_items: list[LineItemRead]
+    tariff_version: int | None = None
+    payment_method: str | None = None
+    prepaid_minor: int = 0
+    lost_ticket: bool = False

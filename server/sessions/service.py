@@ -68,6 +68,7 @@ def open_session(
     entered_at: datetime,
     currency: str,
     offline: bool = False,
+    lost_ticket: bool = False,
 ) -> ParkingSession:
     parking = ParkingSession(
         session_id=new_id(),
@@ -79,6 +80,7 @@ def open_session(
         entered_at=entered_at,
         offline_entry=offline,
         currency=currency,
+        lost_ticket=lost_ticket,
     )
     db.add(parking)
     db.flush()
@@ -96,6 +98,8 @@ def close_session(
     settlement: str,
     charge_transaction_id: str | None,
     offline: bool = False,
+    tariff_version: int | None = None,
+    payment_method: str | None = None,
 ) -> ParkingSession:
     parking.state = SessionState.CLOSED
     parking.exit_gate_id = gate_id
@@ -106,6 +110,8 @@ def close_session(
     parking.currency = quote.amount.currency
     parking.settlement = settlement
     parking.charge_transaction_id = charge_transaction_id
+    parking.tariff_version = tariff_version
+    parking.payment_method = payment_method
     parking.quote_json = json.dumps([asdict(item) for item in quote.line_items])
     db.add(parking)
     db.flush()
@@ -206,4 +212,8 @@ def session_read(parking: ParkingSession) -> SessionRead:
         amount=amount,
         settlement=parking.settlement,
         line_items=items,
+        tariff_version=parking.tariff_version,
+        payment_method=parking.payment_method,
+        prepaid_minor=parking.prepaid_minor,
+        lost_ticket=parking.lost_ticket,
     )

@@ -423,7 +423,13 @@ async def test_offline_exit_with_short_balance_closes_the_session_as_owed(world:
     parking = world.central.get_session(entry.session_id or "")
     assert (parking.state, parking.settlement) == ("closed", "owed")
     assert parking.exited_at == scanned_at
-    assert world.balance("bob") == 300 - 1000  # the debt is on the wallet, not lost
+    assert world.balance("bob") == 300  # the wallet is untouched ...
+    assert world.central.get_account("bob").debt_minor == 1000  # ... the stay is a debt
+    topped = world.central.topup("bob", 1000, idempotency_key="bob-2")
+    assert topped.collected_minor == 1000  # collected at the next top-up
+    assert world.balance("bob") == 300
+    assert world.central.get_account("bob").debt_minor == 0
+    assert world.central.get_session(entry.session_id or "").settlement == "paid"
 
 
 async def test_offline_deny_is_just_acknowledged(world: World) -> None:

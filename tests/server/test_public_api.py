@@ -16,7 +16,14 @@ MODULES = [
     "server.keys",
     "server.main",
     "server.mqtt.bridge",
+    "server.payments.debts",
+    "server.payments.provider",
+    "server.payments.receipts",
+    "server.payments.service",
+    "server.pricing.adjust",
     "server.pricing.engine",
+    "server.pricing.models",
+    "server.pricing.service",
     "server.sessions.flows",
 ]
 

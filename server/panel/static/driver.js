@@ -1,0 +1,117 @@
+// qrpark driver page: keeps the signed code fresh (with a countdown), balance, top-up, stays.
+(function () {
+  "use strict";
+  const app = document.getElementById("app");
+  if (!app) return;
+  const csrf = app.dataset.csrf;
+  const refreshBefore = Number(app.dataset.refreshBefore || 5);
+  const exponents = { JPY: 0 };
+  const symbols = { CNY: "\u00a5", EUR: "\u20ac", USD: "$", GBP: "\u00a3", JPY: "\u00a5" };
+  let expiresAt = 0;
+  let lifetime = Number(app.dataset.lifetime || 60);
+  let timer = null;
+
+  function money(minor, currency) {
+    const exp = exponents[currency] ?? 2;
+    const sign = minor < 0 ? "-" : "";
+    return sign + (symbols[currency] ?? currency + " ") + (Math.abs(minor) / Math.pow(10, exp)).toFixed(exp);
+  }
+
+  function duration(seconds) {
+    if (seconds === null || seconds === undefined) return "";
+    const h = Math.floor(seconds / 3600), m = Math.floor((seconds % 3600) / 60);
+    return h ? h + " h " + String(m).padStart(2, "0") + " min" : m + " min";
+  }
+
+  function showStatus(text) {
+    const status = document.getElementById("status");
+    status.textContent = text || "";
+    status.hidden = !text;
+  }
+
+  async function refreshMe() {
+    try {
+      const r = await fetch("/driver/api/me", { cache: "no-store", credentials: "same-origin" });
+      if (r.status === 401) { location.href = "/driver/login"; return; }
+      if (!r.ok) return;
+      const me = await r.json();
+      const balance = document.getElementById("balance");
+      balance.textContent = money(me.account.balance_minor, me.account.currency);
+      balance.classList.toggle("neg", me.account.balance_minor < 0);
+      const list = document.getElementById("history");
+      list.textContent = "";
+      if (!me.sessions.length) {
+        const li = document.createElement("li"); li.className = "muted"; li.textContent = "No stays yet."; list.appendChild(li);
+      }
+      me.sessions.forEach(function (s) {
+        const li = document.createElement("li");
+        const left = document.createElement("span");
+        const when = new Date(s.entered_at);
+        left.textContent = s.lot_id + " \u00b7 " + when.toLocaleString() + (s.duration_s !== null ? " \u00b7 " + duration(s.duration_s) : "");
+        const right = document.createElement("span");
+        if (s.state === "open") { right.className = "inside"; right.textContent = "inside now"; }
+        else { right.className = "amount"; right.textContent = s.amount ? money(s.amount.amount_minor, s.amount.currency) : "free"; }
+        li.appendChild(left); li.appendChild(right); list.appendChild(li);
+      });
+    } catch (e) { /* keep what is shown */ }
+  }
+
+  async function refreshCode() {
+    const qr = document.getElementById("qr");
+    try {
+      const r = await fetch("/driver/api/code.svg", { cache: "no-store", credentials: "same-origin" });
+      if (r.status === 401) { location.href = "/driver/login"; return; }
+      if (!r.ok) throw new Error("HTTP " + r.status);
+      lifetime = parseInt(r.headers.get("X-Code-Lifetime") || String(lifetime), 10);
+      const svg = await r.text();
+      qr.innerHTML = svg;  // our own server's SVG
+      qr.classList.remove("stale");
+      qr.dataset.ready = "1";
+      expiresAt = Date.now() + lifetime * 1000;  // the phone's own clock: immune to skew
+      document.getElementById("countdown-bar").max = lifetime;
+      showStatus("");
+      schedule(Math.max(1, lifetime - refreshBefore) * 1000);
+    } catch (e) {
+      qr.classList.add("stale");
+      showStatus("Cannot refresh the code \u2014 retrying\u2026");
+      schedule(2000);
+    }
+    refreshMe();
+  }
+
+  function schedule(ms) { if (timer) clearTimeout(timer); timer = setTimeout(refreshCode, ms); }
+
+  function tick() {
+    const left = Math.max(0, Math.ceil((expiresAt - Date.now()) / 1000));
+    document.getElementById("countdown").textContent = expiresAt ? "New code in " + left + " s" : "--";
+    document.getElementById("countdown-bar").value = left;
+    if (expiresAt && left === 0) document.getElementById("qr").classList.add("stale");
+  }
+
+  function newKey() {
+    if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+    return String(Date.now()) + "-" + Math.random().toString(36).slice(2);
+  }
+
+  document.querySelectorAll("[data-topup]").forEach(function (button) {
+    button.addEventListener("click", async function () {
+      button.disabled = true;
+      try {
+        const r = await fetch("/driver/api/topups", {
+          method: "POST", credentials: "same-origin",
+          headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf, "Idempotency-Key": newKey() },
+          body: JSON.stringify({ amount_minor: Number(button.dataset.topup) }),
+        });
+        if (!r.ok) showStatus("Top-up failed (" + r.status + ")");
+      } finally { button.disabled = false; refreshMe(); }
+    });
+  });
+
+  const balance = document.getElementById("balance");
+  balance.textContent = money(Number(balance.textContent), balance.dataset.currency);
+  document.addEventListener("visibilitychange", function () {
+    if (!document.hidden && Date.now() > expiresAt - refreshBefore * 1000) refreshCode();
+  });
+  setInterval(tick, 250);
+  refreshCode();
+})();

@@ -1,0 +1,1 @@
+"""Payments: providers (wallet, sandbox card), settlement, debts, refunds, permits, receipts."""

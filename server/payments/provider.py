@@ -1,0 +1,225 @@
+"""Payment methods behind one small interface: the prepaid wallet and a sandbox card.
+
+A provider answers *may we take this money* (authorise), *take it* (capture) and *give it
+back* (refund), each call carrying an idempotency key: repeating a call with the same key
+returns the first result, so a retry after a timeout or a redelivered exit never charges
+twice. Where the money sits in our ledger is the provider's ``source_account``.
+
+The :class:`SandboxCardProvider` behaves like a card network in test mode: the card token
+chooses the outcome (``tok_ok``, ``tok_decline``, ``tok_timeout``, ``tok_error``,
+``tok_capture_fail``, ``tok_refund_fail``), or ``mode`` / :meth:`script` force one, and
+every call is recorded on ``calls`` so tests assert on what happened::
+
+    card = SandboxCardProvider()
+    card.script("timeout", "ok")   # the next call times out, the one after succeeds
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from sqlmodel import Session
+
+from parking_protocol.messages import new_id
+from parking_protocol.types import Money
+from server.accounts import book
+from server.accounts.ledger import clearing_account, wallet_account
+
+__all__ = [
+    "Authorisation",
+    "CardOutcome",
+    "ChargeContext",
+    "PaymentDeclined",
+    "PaymentError",
+    "PaymentFailed",
+    "PaymentProvider",
+    "PaymentProviders",
+    "PaymentTimeout",
+    "SandboxCardProvider",
+    "WalletProvider",
+]
+
+
+class PaymentError(Exception):
+    """A payment that did not happen; ``reason`` is short and machine-readable."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PaymentDeclined(PaymentError):
+    """A definite no (insufficient balance, card declined): retrying will not help."""
+
+
+class PaymentTimeout(PaymentError):
+    """No answer: the outcome is unknown; retry with the same idempotency key."""
+
+
+class PaymentFailed(PaymentError):
+    """The provider failed (an error answer, a failed capture or refund)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeContext:
+    """Who pays, with what: the DB session (the wallet reads its balance) and a card token."""
+
+    db: Session
+    account_id: str
+    card_token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Authorisation:
+    provider: str
+    auth_id: str
+    amount: Money
+
+
+class PaymentProvider(Protocol):
+    """One way to pay. Implementations must honour idempotency keys (see module doc)."""
+
+    name: str
+
+    def source_account(self, account_id: str) -> str:
+        """The ledger account the money comes from (and refunds go back to)."""
+        ...
+
+    def authorise(self, ctx: ChargeContext, amount: Money, *, key: str) -> Authorisation: ...
+
+    def capture(self, ctx: ChargeContext, auth: Authorisation, *, key: str) -> str:
+        """Take the authorised money; returns the provider's reference for refunds."""
+        ...
+
+    def void(self, ctx: ChargeContext, auth: Authorisation) -> None: ...
+
+    def refund(self, ctx: ChargeContext, capture_ref: str, amount: Money, *, key: str) -> str:
+        """Give (part of) a capture back; returns the refund's reference."""
+        ...
+
+
+class WalletProvider:
+    """The built-in prepaid wallet: the money is already in the ledger."""
+
+    name = "wallet"
+
+    def source_account(self, account_id: str) -> str:
+        return wallet_account(account_id)
+
+    def authorise(self, ctx: ChargeContext, amount: Money, *, key: str) -> Authorisation:
+        available = book.balance_of(ctx.db, wallet_account(ctx.account_id), amount.currency)
+        if available < amount.amount_minor:
+            raise PaymentDeclined("insufficient_balance")
+        return Authorisation(self.name, f"wallet:{key}", amount)
+
+    def capture(self, ctx: ChargeContext, auth: Authorisation, *, key: str) -> str:
+        return auth.auth_id  # the ledger transaction is the capture
+
+    def void(self, ctx: ChargeContext, auth: Authorisation) -> None:
+        return None
+
+    def refund(self, ctx: ChargeContext, capture_ref: str, amount: Money, *, key: str) -> str:
+        return f"wallet-refund:{key}"
+
+
+CardOutcome = Literal["ok", "decline", "timeout", "timeout_after", "error"]
+_TOKENS: dict[str, tuple[str, CardOutcome]] = {
+    "tok_ok": ("authorise", "ok"),
+    "tok_decline": ("authorise", "decline"),
+    "tok_timeout": ("authorise", "timeout"),
+    "tok_error": ("authorise", "error"),
+    "tok_capture_fail": ("capture", "error"),
+    "tok_refund_fail": ("refund", "error"),
+}
+
+
+@dataclass
+class SandboxCardProvider:
+    """A card provider in test mode (in memory, thread-safe).
+
+    ``mode`` forces every call's outcome (``None``: the token decides). ``timeout_after``
+    means the provider did the work but the answer was lost: a retry with the same key gets
+    the stored result.
+    """
+
+    name: str = "card"
+    mode: CardOutcome | None = None
+    calls: list[tuple[str, str, str]] = field(default_factory=list)  # (operation, key, outcome)
+    _scripted: deque[CardOutcome] = field(default_factory=deque)
+    _results: dict[tuple[str, str], str] = field(default_factory=dict)
+    _captured: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def script(self, *outcomes: CardOutcome) -> None:
+        """Force the outcomes of the next calls that reach the network, in order."""
+        with self._lock:
+            self._scripted.extend(outcomes)
+
+    def source_account(self, account_id: str) -> str:
+        return clearing_account(self.name)
+
+    def _call(self, operation: str, key: str, token: str | None) -> str:
+        with self._lock:
+            stored = self._results.get((operation, key))
+            if stored is not None:
+                self.calls.append((operation, key, "replayed"))
+                return stored
+            if self._scripted:
+                outcome: CardOutcome = self._scripted.popleft()
+            elif self.mode is not None:
+                outcome = self.mode
+            else:
+                failing_at, token_outcome = _TOKENS.get(token or "", ("authorise", "decline"))
+                outcome = token_outcome if failing_at == operation else "ok"
+            self.calls.append((operation, key, outcome))
+            if outcome == "decline" and operation == "authorise":
+                raise PaymentDeclined("card_declined")
+            if outcome == "timeout":
+                raise PaymentTimeout(f"{operation}_timeout")
+            if outcome in ("error", "decline"):
+                raise PaymentFailed(f"{operation}_failed")
+            result = f"{operation[:3]}_{new_id()[:12]}"
+            self._results[(operation, key)] = result
+            if outcome == "timeout_after":
+                raise PaymentTimeout(f"{operation}_timeout")
+            return result
+
+    def authorise(self, ctx: ChargeContext, amount: Money, *, key: str) -> Authorisation:
+        return Authorisation(self.name, self._call("authorise", key, ctx.card_token), amount)
+
+    def capture(self, ctx: ChargeContext, auth: Authorisation, *, key: str) -> str:
+        ref = self._call("capture", key, ctx.card_token)
+        with self._lock:
+            self._captured.setdefault(ref, auth.amount.amount_minor)
+        return ref
+
+    def void(self, ctx: ChargeContext, auth: Authorisation) -> None:
+        with self._lock:
+            self.calls.append(("void", auth.auth_id, "ok"))
+
+    def refund(self, ctx: ChargeContext, capture_ref: str, amount: Money, *, key: str) -> str:
+        with self._lock:
+            if capture_ref not in self._captured:
+                raise PaymentFailed("refund_unknown_capture")
+        return self._call("refund", key, ctx.card_token)
+
+    def captured_minor(self) -> int:
+        """What the card network took in total (tests compare it with the clearing account)."""
+        with self._lock:
+            return sum(self._captured.values())
+
+
+@dataclass
+class PaymentProviders:
+    """The providers a service uses, by payment method name."""
+
+    wallet: PaymentProvider = field(default_factory=WalletProvider)
+    card: PaymentProvider = field(default_factory=SandboxCardProvider)
+
+    def get(self, method: str) -> PaymentProvider:
+        if method == "card":
+            return self.card
+        return self.wallet

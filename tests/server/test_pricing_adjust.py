@@ -1,0 +1,103 @@
+"""Permits, validations and payment in advance on top of the tariff (pure)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from server.pricing.adjust import Discount, PermitCover, price_stay
+from server.pricing.engine import Tariff
+
+TARIFF = Tariff(grace_minutes=10, increment_minor=500, exit_grace_minutes=15)
+ENTRY = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
+
+
+def stay(hours: float, **kwargs: object) -> tuple[int, int]:
+    result = price_stay(TARIFF, ENTRY, ENTRY + timedelta(hours=hours), **kwargs)  # type: ignore[arg-type]
+    assert sum(i.amount_minor for i in result.quote.line_items) == result.quote.amount.amount_minor
+    return result.quote.amount.amount_minor, result.due_minor
+
+
+def test_no_adjustments_is_the_tariff_price() -> None:
+    assert stay(3) == (1500, 1500)
+
+
+def test_time_off_shortens_the_stay_before_pricing() -> None:
+    assert stay(3, discounts=(Discount("time_off", 120, "Cinema"),)) == (500, 500)
+    assert stay(3, discounts=(Discount("time_off", 175, "Cinema"),)) == (0, 0)  # into grace
+
+
+def test_percent_then_amount_off_never_below_zero() -> None:
+    both = (Discount("amount_off", 200, "Voucher"), Discount("percent_off", 50, "Shop"))
+
+    assert stay(3, discounts=both) == (550, 550)  # 1500 - 750 (50%), then - 200
+    assert stay(1, discounts=(Discount("amount_off", 9999, "Staff"),)) == (0, 0)
+
+
+def test_discounts_are_shown_with_their_reason() -> None:
+    result = price_stay(
+        TARIFF, ENTRY, ENTRY + timedelta(hours=2), discounts=(Discount("percent_off", 10, "Mall"),)
+    )
+
+    assert result.quote.line_items[-1].description == "10% off: Mall"
+    assert result.quote.line_items[-1].amount_minor == -100
+
+
+def test_a_permit_makes_the_stay_free_until_it_ends() -> None:
+    permit = PermitCover("P1", valid_until=ENTRY + timedelta(hours=5))
+
+    assert stay(4, permit=permit) == (0, 0)
+    # two hours after the permit ended: priced as a stay that started then
+    assert stay(7, permit=permit) == (1000, 1000)
+
+
+def test_a_permit_with_its_own_tariff_prices_the_whole_stay_with_it() -> None:
+    cheap = Tariff(increment_minor=100)
+    permit = PermitCover("P2", valid_until=ENTRY + timedelta(days=30), tariff=cheap)
+
+    assert stay(3, permit=permit) == (300, 300)
+
+
+def test_leaving_within_the_exit_grace_after_paying_costs_nothing_more() -> None:
+    paid_at = ENTRY + timedelta(hours=2, minutes=30)  # paid ¥15.00 for 3 started hours
+
+    assert stay(2 + 40 / 60, prepaid_minor=1500, prepaid_at=paid_at) == (1500, 0)
+    # 20 min after paying: beyond the 15 min exit grace, the stay is priced to the exit
+    assert stay(2 + 50 / 60, prepaid_minor=1500, prepaid_at=paid_at) == (1500, 0)
+    assert stay(3 + 5 / 60, prepaid_minor=1500, prepaid_at=paid_at) == (2000, 500)
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_non_positive_discounts_are_refused(value: int) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        Discount("amount_off", value, "x")
+    with pytest.raises(ValueError, match="100"):
+        Discount("percent_off", 101, "x")
+
+
+@given(
+    st.integers(0, 3 * 24 * 60),
+    st.lists(
+        st.tuples(st.sampled_from(["time_off", "amount_off", "percent_off"]), st.integers(1, 100)),
+        max_size=3,
+    ),
+    st.integers(0, 5000),
+)
+def test_adjustments_never_make_a_stay_negative_or_dearer(
+    minutes: int, discounts: list[tuple[str, int]], prepaid: int
+) -> None:
+    exit_at = ENTRY + timedelta(minutes=minutes)
+    plain = price_stay(TARIFF, ENTRY, exit_at).quote.amount.amount_minor
+    adjusted = price_stay(
+        TARIFF,
+        ENTRY,
+        exit_at,
+        discounts=tuple(Discount(k, v, "r") for k, v in discounts),  # type: ignore[arg-type]
+        prepaid_minor=prepaid,
+    )
+
+    assert 0 <= adjusted.quote.amount.amount_minor <= plain
+    assert adjusted.due_minor == max(adjusted.quote.amount.amount_minor - prepaid, 0)
