@@ -35,9 +35,10 @@ class _VirtualSelector(selectors.DefaultSelector):
         self.loop: VirtualTimeLoop | None = None
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        ready = super().select(0)
-        if ready or self.loop is None:
-            return ready
+        # The simulated world does no real IO (its only fd is the loop's own wake-up pipe,
+        # used by other threads, of which there are none), so there is nothing to poll.
+        if self.loop is None:
+            return super().select(timeout)
         if timeout is None:
             # Nothing is scheduled at all and no IO is possible: the world is stuck.
             raise RuntimeError("virtual-time loop would wait forever (deadlock in the world)")
