@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import random
+import secrets
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,8 @@ from qrpark.services import MosquittoProcess, free_port, port_open
 from server.keys import load_or_create_keys
 
 LOT = "bench"
+# The admin API token of the service this bench starts (QRPARK_BOOTSTRAP_API_TOKEN).
+API_TOKEN = os.environ.get("QRPARK_API_TOKEN") or "qrp_bench_" + secrets.token_urlsafe(32)
 
 
 def api(base: str, method: str, path: str, body: object | None = None, **headers: str) -> object:
@@ -49,7 +52,11 @@ def api(base: str, method: str, path: str, body: object | None = None, **headers
         base + path,
         data=data,
         method=method,
-        headers={"content-type": "application/json", **headers},
+        headers={
+            "content-type": "application/json",
+            "authorization": f"Bearer {API_TOKEN}",
+            **headers,
+        },
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -255,6 +262,7 @@ class Service:
             "QRPARK_MQTT_URL": self.broker.url,
             "QRPARK_MQTT_CLIENT_ID": f"bench-central-{port}",
             "QRPARK_KEY_FILE": str(self.key_file),
+            "QRPARK_BOOTSTRAP_API_TOKEN": API_TOKEN,
         }
         self.process = subprocess.Popen(
             [

@@ -135,13 +135,17 @@ def parse_code(code: str) -> CodeClaims:
         raise CodeRejected(CodeRejection.UNKNOWN_VERSION, match["ver"])
     try:
         signature = _unb64(match["sig"])
-        _unb64(match["nonce"])
+        nonce = _unb64(match["nonce"])
         issued_at = datetime.fromtimestamp(int(match["iat"]), UTC)
         expires_at = datetime.fromtimestamp(int(match["exp"]), UTC)
     except (binascii.Error, ValueError, OverflowError, OSError) as exc:
         raise CodeRejected(CodeRejection.MALFORMED, str(exc)) from None
     if len(signature) != 64:
         raise CodeRejected(CodeRejection.MALFORMED, "signature length")
+    if _b64(signature) != match["sig"] or _b64(nonce) != match["nonce"]:
+        # Only the canonical encoding is a code: otherwise the last character's unused bits
+        # would let many texts carry one signature.
+        raise CodeRejected(CodeRejection.MALFORMED, "non-canonical signature encoding")
     return CodeClaims(
         kid=match["kid"],
         account_id=match["acct"],

@@ -8,6 +8,10 @@ loop detectors, with drivers arriving at random. Ctrl-C stops everything.
 
 ``--external --server URL --broker URL`` runs only the simulated lot against a service and
 broker that already run (docker-compose uses this).
+
+The REST API needs an API token: the client sends ``QRPARK_API_TOKEN`` when it is set; a
+service the demo starts itself gets a fresh random admin token through
+``QRPARK_BOOTSTRAP_API_TOKEN`` (printed in the banner, for trying the API by hand).
 """
 
 from __future__ import annotations
@@ -19,13 +23,16 @@ import json
 import logging
 import os
 import random
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +53,18 @@ class DemoError(RuntimeError):
     pass
 
 
+@cache
+def api_token() -> str:
+    """``QRPARK_API_TOKEN``, or one random token for this process (its own service's)."""
+    return os.environ.get("QRPARK_API_TOKEN") or "qrp_demo_" + secrets.token_urlsafe(32)
+
+
 @dataclass
 class Api:
     """A tiny blocking JSON client for the service's REST API (run in a thread)."""
 
     base: str
+    token: str = field(default_factory=api_token, repr=False)
 
     def call(self, method: str, path: str, body: object | None = None, **headers: str) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -58,7 +72,11 @@ class Api:
             self.base + path,
             data=data,
             method=method,
-            headers={"content-type": "application/json", **headers},
+            headers={
+                "content-type": "application/json",
+                "authorization": f"Bearer {self.token}",
+                **headers,
+            },
         )
         try:
             with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
@@ -117,6 +135,8 @@ def start_server(data_dir: Path, broker_url: str, port: int) -> subprocess.Popen
         # Demo sign-ins (development only; production refuses placeholder secrets).
         "QRPARK_ADMIN_PASSWORD": os.environ.get("QRPARK_ADMIN_PASSWORD", DEMO_ADMIN_PASSWORD),
         "QRPARK_DEMO_DRIVER_PIN": os.environ.get("QRPARK_DEMO_DRIVER_PIN", DEMO_DRIVER_PIN),
+        # The admin API token the demo's own clients (Api) send.
+        "QRPARK_BOOTSTRAP_API_TOKEN": api_token(),
     }
     log_file = (data_dir / "server.log").open("ab")
     try:
@@ -230,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=None, help="stop after N seconds")
     parser.add_argument("--data-dir", type=Path, default=Path("var/demo"))
     parser.add_argument(
+        "--keep-data", action="store_true", help="continue with the previous run's database"
+    )
+    parser.add_argument(
         "--external",
         action="store_true",
         help="use an already running service and broker (--server, --broker)",
@@ -242,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     data_dir: Path = args.data_dir.resolve()
+    if not args.external and not args.keep_data and data_dir.exists():
+        # A fresh lot every run: cars left "inside" by an interrupted run would be refused.
+        shutil.rmtree(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     broker: MosquittoProcess | None = None
     server: subprocess.Popen[bytes] | None = None
@@ -270,11 +296,13 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() > deadline:
                 raise DemoError(f"the service at {api.base} did not become healthy")
             time.sleep(0.2)
+        token_shown = api.token if server is not None else "$QRPARK_API_TOKEN"
         print(
             f"\nqrpark demo is running\n"
             f"  operator panel        : {api.base}/panel  (admin / {DEMO_ADMIN_PASSWORD})\n"
             f"  driver page           : {api.base}/driver  (demo-1 / PIN {DEMO_DRIVER_PIN})\n"
             f"  API docs              : {api.base}/docs\n"
+            f"  API token (admin)     : {token_shown}\n"
             f"  MQTT broker           : {broker_url}\n"
             f"  data and logs         : {data_dir}\n"
             f"Ctrl-C stops it.\n",

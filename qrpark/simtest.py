@@ -369,6 +369,11 @@ class World:
             self.counters["entries"] += 1
             await asyncio.sleep(self.rng.uniform(*self.config.dwell_s))
             await self.leave(driver)
+            if driver.inside:
+                # Refused at the exit every time: the car is still in the lot, so it cannot
+                # turn up at the entry again (it waits there for the operator).
+                self.counters["drivers stuck inside"] += 1
+                return
 
     async def leave(self, driver: Driver) -> None:
         exit_ = self.lanes[1]

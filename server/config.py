@@ -49,6 +49,11 @@ class ServerSettings(BaseSettings):
     session_hours: Annotated[int, Field(ge=1, le=24 * 30)] = 12
     demo_driver_pin: SecretStr | None = None  # development only: PIN of accounts without one
 
+    # REST API (server.auth.api): the first admin token, and the per-account code issuing limit.
+    bootstrap_api_token: SecretStr | None = None  # registered as an admin token at start
+    code_rate_per_minute: Annotated[int, Field(ge=1, le=6000)] = 30
+    code_burst: Annotated[int, Field(ge=1, le=1000)] = 10
+
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, value: str) -> str:
@@ -86,4 +91,15 @@ class ServerSettings(BaseSettings):
             )
         if self.demo_driver_pin is not None:
             raise ValueError("demo_driver_pin is for development only; unset it in production")
+        token = self.bootstrap_api_token.get_secret_value() if self.bootstrap_api_token else None
+        if token is not None and (
+            len(token) < 24
+            or token.lower() in _PLACEHOLDER_SECRETS
+            or any(word in token.lower() for word in ("changeme", "change-me", "placeholder"))
+        ):
+            raise ValueError(
+                "bootstrap_api_token is a placeholder or shorter than 24 characters; "
+                "set a real secret in production (e.g. python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))')"
+            )
         return self

@@ -7,8 +7,9 @@ from sqlmodel import SQLModel
 
 from server.accounts.models import Account, LedgerTransaction, Posting, TopupRequest
 from server.audit.models import AuditEntry
-from server.auth.models import DriverCredential, User, WebSession
+from server.auth.models import ApiToken, DriverCredential, User, WebSession
 from server.gateways.models import CommandReplyRecord, Gate, GatewayStatusRecord
+from server.idempotency import InFlightKey
 from server.lots.models import Lot
 from server.panel.models import GateStatusChange
 from server.payments.models import IdempotencyRecord, Payment, Permit, Refund, Validation
@@ -17,6 +18,7 @@ from server.sessions.models import DeadLetter, ParkingSession, ProcessedEvent, U
 
 __all__ = [
     "Account",
+    "ApiToken",
     "AuditEntry",
     "CommandReplyRecord",
     "DeadLetter",
@@ -25,6 +27,7 @@ __all__ = [
     "GateStatusChange",
     "GatewayStatusRecord",
     "IdempotencyRecord",
+    "InFlightKey",
     "LedgerTransaction",
     "Lot",
     "ParkingSession",

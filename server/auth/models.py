@@ -7,7 +7,7 @@ from sqlmodel import Field, SQLModel
 
 from server.db import UTCDateTime
 
-__all__ = ["DriverCredential", "Role", "SessionKind", "User", "WebSession"]
+__all__ = ["ApiToken", "DriverCredential", "Role", "SessionKind", "User", "WebSession"]
 
 
 class Role(StrEnum):
@@ -68,3 +68,18 @@ class DriverCredential(SQLModel, table=True):
     account_id: str = Field(primary_key=True, max_length=36, foreign_key="accounts.account_id")
     pin_hash: str = Field(max_length=300)
     updated_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class ApiToken(SQLModel, table=True):
+    """A bearer token for the REST API with a role. Only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+
+    token_id: str = Field(primary_key=True, max_length=32)
+    name: str = Field(max_length=64)
+    role: str = Field(max_length=16)
+    token_hash: str = Field(max_length=64, unique=True, index=True)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    created_by: str = Field(max_length=100)
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime, nullable=True)
+    revoked_by: str | None = Field(default=None, max_length=100, nullable=True)

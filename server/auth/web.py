@@ -74,10 +74,11 @@ class Operator:
     username: str
     role: Role
     csrf_token: str
+    kind: str = "user"  # "user" (panel cookie) or "token" (an API token; username is its name)
 
     @property
     def actor(self) -> str:
-        return f"user:{self.username}"
+        return f"{self.kind}:{self.username}"
 
     def can(self, role: Role) -> bool:
         return self.role.allows(role)

@@ -1,20 +1,20 @@
 """The driver's page: sign in with account id + PIN, then the live QR code, balance, top-up
-and history. ``/driver/{account_id}`` (no sign-in) is the older kiosk page, kept in
-development only until the API itself requires sign-in; production redirects it.
+and history. ``/driver/{account_id}`` (the older kiosk page without sign-in) now redirects to
+the sign-in, since the API it read requires authentication.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
-from datetime import timedelta
-from functools import cache
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
-from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, ConfigDict
 from pydantic import Field as PydanticField
 
@@ -22,10 +22,12 @@ from server.accounts import service as accounts
 from server.accounts.router import svg_qr
 from server.audit import service as audit
 from server.auth import service as auth
+from server.auth.api import limit_codes
 from server.auth.models import SessionKind
 from server.auth.web import (
     DRIVER_COOKIE,
     LOGIN_CSRF_COOKIE,
+    Driver,
     DriverDep,
     DriverWriter,
     check_csrf,
@@ -35,6 +37,7 @@ from server.auth.web import (
     set_cookie,
 )
 from server.deps import CentralDep, NowDep, SessionDep
+from server.idempotency import in_flight
 from server.panel.deps import PanelDep
 from server.panel.templating import render
 from server.sessions import service as sessions
@@ -127,7 +130,7 @@ async def driver_login(
     outcome, token = await run_in_threadpool(attempt)
     if token is None:
         throttled = outcome == "driver.login_throttled"
-        return _login_page(
+        page = _login_page(
             request,
             account_id=account_id,
             error="Too many tries. Wait 15 minutes."
@@ -135,6 +138,10 @@ async def driver_login(
             else "Account or PIN not recognised.",
             status_code=429 if throttled else 401,
         )
+        if throttled:
+            wait = panel.throttle.retry_after(keys, now).total_seconds()
+            page.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+        return page
     response = RedirectResponse("/driver", status_code=303)
     set_cookie(
         response,
@@ -195,7 +202,10 @@ def driver_me(driver: DriverDep, db: SessionDep) -> dict[str, Any]:
     response_class=Response,
     responses={200: {"content": {"image/svg+xml": {}}}},
 )
-async def driver_code(driver: DriverDep, central: CentralDep) -> Response:
+async def driver_code(
+    request: Request, driver: DriverDep, central: CentralDep, now: NowDep
+) -> Response:
+    limit_codes(request, driver.account_id, now)
     issued = await run_in_threadpool(central.issue_code, driver.account_id)
     svg = await run_in_threadpool(svg_qr, issued.code)
     lifetime = int((issued.expires_at - issued.issued_at).total_seconds())
@@ -230,6 +240,14 @@ def driver_topup(
             status_code=403,
         )
     now = central.clock.now()
+    scope = f"topup:{driver.account_id}"
+    with in_flight(central.engine, db, scope=scope, key=idempotency_key, now=now):
+        return _driver_topup(db, driver, data, idempotency_key, now)
+
+
+def _driver_topup(
+    db: SessionDep, driver: Driver, data: DriverTopup, idempotency_key: str, now: datetime
+) -> JSONResponse:
     outcome = accounts.topup(
         db, driver.account_id, data.amount_minor, idempotency_key=idempotency_key, now=now
     )
@@ -249,27 +267,7 @@ def driver_topup(
 
 
 # -- the older page without sign-in ---------------------------------------------------------------
-@cache
-def _environment() -> Environment:
-    return Environment(
-        loader=FileSystemLoader(TEMPLATES),
-        autoescape=select_autoescape(["html"]),
-        auto_reload=False,
-    )
-
-
 @router.get("/driver/{account_id}", response_class=HTMLResponse)
-def driver_page(account_id: str, db: SessionDep, central: CentralDep) -> Response:
-    if central.settings.environment != "development":
-        return RedirectResponse(f"/driver/login?account={account_id[:36]}", status_code=303)
-    account = accounts.account_read(db, accounts.require_account(db, account_id))
-    html = (
-        _environment()
-        .get_template("driver.html")
-        .render(
-            account=account,
-            lifetime_s=central.settings.code_lifetime_s,
-            refresh_before_s=min(5, max(1, central.settings.code_lifetime_s // 4)),
-        )
-    )
-    return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+def driver_page(account_id: str) -> Response:
+    """The old kiosk page read the API anonymously; the API needs sign-in now: sign in."""
+    return RedirectResponse(f"/driver/login?account={quote(account_id[:36], safe='')}", 303)

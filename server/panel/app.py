@@ -12,6 +12,8 @@ from sqlmodel import Session
 from server.auth.models import SessionKind
 from server.auth.web import AccessDenied, CsrfRefused, LoginRequired, current_operator
 from server.central import Central
+from server.panel.money import router as money_router
+from server.panel.permits import router as permits_router
 from server.panel.router import router
 from server.panel.runtime import PanelRuntime
 from server.panel.tariffs import router as tariffs_router
@@ -24,6 +26,8 @@ def install_panel(app: FastAPI) -> None:
     """Routes, local static assets (no CDN) and the sign-in/permission error answers."""
     app.include_router(router)
     app.include_router(tariffs_router)
+    app.include_router(money_router)
+    app.include_router(permits_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(LoginRequired)

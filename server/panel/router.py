@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, time, timedelta
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
+from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -51,10 +52,13 @@ from server.deps import CentralDep, NowDep, SessionDep
 from server.errors import ConflictError, NotFoundError, UnprocessableError
 from server.gateways.models import Gate, GatewayStatusRecord
 from server.lots import service as lots
-from server.panel import actions, service
+from server.panel import actions, queries, service
 from server.panel.deps import PanelDep
 from server.panel.templating import render
+from server.payments import receipts
+from server.payments import service as payments
 from server.sessions import service as sessions
+from server.sessions.models import SessionState
 
 __all__ = ["router"]
 
@@ -304,7 +308,7 @@ async def live_events(request: Request, central: CentralDep, panel: PanelDep) ->
 
 
 # -- sessions --------------------------------------------------------------------------------------
-def _parse_day(value: str | None, *, end: bool = False) -> datetime | None:
+def parse_day(value: str | None, *, end: bool = False) -> datetime | None:
     if not value:
         return None
     try:
@@ -337,8 +341,8 @@ def sessions_page(
         lot_id=lot or None,
         account_id=(account or "").strip() or None,
         state=state or None,
-        since=_parse_day(since),
-        until=_parse_day(until, end=True),
+        since=parse_day(since),
+        until=parse_day(until, end=True),
         limit=limit,
     )
     zones = {item.lot_id: item.timezone for item in lots.list_lots(db)}
@@ -367,6 +371,10 @@ def session_page(
     parking = sessions.require_session(db, session_id)
     transaction, postings = service.transaction_postings(db, parking.charge_transaction_id)
     lot = lots.require_lot(db, parking.lot_id)
+    receipt = None
+    if parking.state == SessionState.CLOSED:
+        receipt = receipts.receipt(db, parking)
+    refundable = queries.refundable_by_session(db, [session_id]).get(session_id, 0)
     return page(
         request,
         "session.html",
@@ -375,6 +383,10 @@ def session_page(
         lot=lot,
         transaction=transaction,
         postings=postings,
+        receipt=receipt,
+        refundable=refundable,
+        refund_key=secrets.token_urlsafe(18),
+        history=audit.list_entries(db, target_type="session", target_id=session_id, limit=30),
     )
 
 
@@ -474,10 +486,13 @@ def accounts_page(
 
 @router.get("/accounts/{account_id}", response_class=HTMLResponse)
 def account_page(
-    request: Request, account_id: str, operator: ViewerDep, db: SessionDep
+    request: Request, account_id: str, operator: ViewerDep, db: SessionDep, now: NowDep
 ) -> HTMLResponse:
     account = accounts.account_read(db, accounts.require_account(db, account_id))
     found = service.search_sessions(db, account_id=account_id, limit=50)
+    all_lots = lots.list_lots(db)
+    zone = service.panel_zone(all_lots)
+    local = now.astimezone(ZoneInfo(zone)).replace(second=0, microsecond=0, tzinfo=None)
     return page(
         request,
         "account.html",
@@ -485,6 +500,14 @@ def account_page(
         account=account,
         sessions=[sessions.session_read(item) for item in found],
         history=audit.list_entries(db, target_type="account", target_id=account_id, limit=30),
+        permits=[payments.permit_read(p) for p in payments.list_permits(db, account_id)],
+        debts=queries.outstanding_debts(db, account_id=account_id),
+        lots=all_lots,
+        lot_names={item.lot_id: item.name for item in all_lots},
+        zone=zone,
+        now=now,
+        permit_from=local.isoformat(),
+        permit_until=(local + timedelta(days=30)).isoformat(),
     )
 
 

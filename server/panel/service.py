@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -14,7 +15,7 @@ from parking_protocol.types import DENY_TEXT, GateAction, Reason
 from server.accounts.models import Account, LedgerTransaction, Posting
 from server.gateways.models import CommandReplyRecord, Gate, GatewayStatusRecord
 from server.lots import service as lots
-from server.lots.models import LotRead
+from server.lots.models import Lot, LotRead
 from server.panel.models import GateStatusChange
 from server.sessions.models import ParkingSession
 
@@ -28,6 +29,7 @@ __all__ = [
     "gate_history",
     "gate_view",
     "manual_open_command",
+    "panel_zone",
     "record_status_change",
     "replies_to",
     "search_sessions",
@@ -178,6 +180,13 @@ def manual_open_command(
         deadline=now + ttl,
     )
     return gate_topic(lot_id, gate_id, TopicKind.COMMANDS), encode(command), command
+
+
+def panel_zone(all_lots: Sequence[Lot]) -> str:
+    """The zone the panel counts days and reads form times in: the lots' zone when they
+    share one, else UTC."""
+    zones = {lot.timezone for lot in all_lots}
+    return zones.pop() if len(zones) == 1 else "UTC"
 
 
 def blocked_accounts(db: Session) -> tuple[str, ...]:

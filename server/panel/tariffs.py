@@ -6,8 +6,7 @@ turns form fields into a :class:`~server.pricing.models.TariffSpec` and audits t
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 from urllib.parse import quote
 from zoneinfo import ZoneInfo
@@ -23,6 +22,7 @@ from server.deps import NowDep, SessionDep
 from server.errors import UnprocessableError
 from server.lots import service as lots
 from server.lots.models import Lot
+from server.panel.amounts import local_datetime, to_major, to_minor
 from server.panel.router import back, page
 from server.panel.templating import when
 from server.pricing import service as pricing
@@ -33,7 +33,6 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/panel/tariffs", tags=["panel"], include_in_schema=False)
 
-_EXPONENTS = {"JPY": 0, "KRW": 0}
 MAX_PREVIEW = timedelta(days=366)
 
 
@@ -54,42 +53,14 @@ class TariffForm(BaseModel):
     exit_at: Text = ""
 
 
-def _minor(text: str, currency: str, what: str) -> int:
-    exponent = _EXPONENTS.get(currency, 2)
-    try:
-        value = Decimal(text.strip()) * (10**exponent)
-    except InvalidOperation:
-        raise UnprocessableError(f"{what}: not an amount: {text!r}") from None
-    if value != value.to_integral_value() or value < 0:
-        raise UnprocessableError(f"{what}: at most {exponent} decimals, not negative")
-    return int(value)
-
-
-def _major(minor: int | None, currency: str) -> str:
-    if minor is None:
-        return ""
-    exponent = _EXPONENTS.get(currency, 2)
-    return f"{Decimal(minor) / (10**exponent):.{exponent}f}"
-
-
-def _local(text: str, zone: str, what: str) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        raise UnprocessableError(f"{what}: give a date and time") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=ZoneInfo(zone))
-    return parsed.astimezone(UTC)
-
-
 def _spec(form: TariffForm, lot: Lot) -> TariffSpec:
     try:
         return TariffSpec(
             currency=lot.currency,
             grace_minutes=int(form.grace_minutes),
             increment_minutes=int(form.increment_minutes),
-            increment_minor=_minor(form.increment, lot.currency, "rate"),
-            daily_cap_minor=_minor(form.daily_cap, lot.currency, "daily cap")
+            increment_minor=to_minor(form.increment, lot.currency, "rate"),
+            daily_cap_minor=to_minor(form.daily_cap, lot.currency, "daily cap")
             if form.daily_cap.strip()
             else None,
             cap_period=CapPeriod(form.cap_period),
@@ -105,8 +76,8 @@ def _form_from(spec: TariffSpec, now: datetime, zone: str) -> TariffForm:
     return TariffForm(
         grace_minutes=str(spec.grace_minutes),
         increment_minutes=str(spec.increment_minutes),
-        increment=_major(spec.increment_minor, spec.currency),
-        daily_cap=_major(spec.daily_cap_minor, spec.currency),
+        increment=to_major(spec.increment_minor, spec.currency),
+        daily_cap=to_major(spec.daily_cap_minor, spec.currency),
         cap_period=spec.cap_period.value,
         effective_from=(local + timedelta(days=1)).replace(hour=0, minute=0).isoformat(),
         entry_at=local.replace(hour=9, minute=0).isoformat(),
@@ -173,8 +144,8 @@ def preview(
     lot = lots.require_lot(db, lot_id)
     try:
         spec = _spec(form, lot)
-        entry = _local(form.entry_at, lot.timezone, "entry")
-        exit_ = _local(form.exit_at, lot.timezone, "exit")
+        entry = local_datetime(form.entry_at, lot.timezone, "entry")
+        exit_ = local_datetime(form.exit_at, lot.timezone, "exit")
         if exit_ - entry > MAX_PREVIEW:
             raise UnprocessableError("preview stays of at most 366 days")
         result = price(spec.tariff(lot.timezone), entry, exit_)
@@ -199,7 +170,7 @@ def create_version(
         if len(form.note.strip()) < 3:
             raise UnprocessableError("say why the tariff changes (note, at least 3 characters)")
         spec = _spec(form, lot)
-        starts = _local(form.effective_from, lot.timezone, "effective from")
+        starts = local_datetime(form.effective_from, lot.timezone, "effective from")
         version = pricing.add_version(
             db,
             lot_id=lot.lot_id,

@@ -12,8 +12,10 @@ from sqlalchemy.exc import IntegrityError
 
 from parking_protocol.types import Money
 from server.accounts import service as accounts
+from server.auth.api import ApiOperator, ApiViewer
 from server.deps import CentralDep, NowDep, SessionDep
 from server.errors import ConflictError
+from server.idempotency import in_flight
 from server.lots import service as lots
 from server.payments import receipts, service
 from server.payments.models import (
@@ -48,7 +50,8 @@ IdempotencyKey = Annotated[
 ]
 Model = TypeVar("Model", bound=BaseModel)
 _KEY_REUSED: dict[int | str, dict[str, Any]] = {
-    422: {"description": "Invalid body, or the key was used with another body"}
+    409: {"description": "A request with this key is still in flight: retry later"},
+    422: {"description": "Invalid body, or the key was used with another body"},
 }
 
 
@@ -91,7 +94,9 @@ def _created(model: BaseModel, replayed: bool) -> JSONResponse:
 
 
 @router.put("/api/v1/accounts/{account_id}/payment-method")
-def set_payment_method(account_id: str, data: CardSet, db: SessionDep) -> PaymentMethodRead:
+def set_payment_method(
+    account_id: str, data: CardSet, operator: ApiOperator, db: SessionDep
+) -> PaymentMethodRead:
     """Pay exits from the wallet or by card (sandbox tokens: see the schema)."""
     account = accounts.require_account(db, account_id)
     account.payment_method = data.method
@@ -106,14 +111,16 @@ def set_payment_method(account_id: str, data: CardSet, db: SessionDep) -> Paymen
 
 
 @router.post("/api/v1/permits", status_code=status.HTTP_201_CREATED)
-def create_permit(data: PermitCreate, db: SessionDep, now: NowDep) -> PermitRead:
+def create_permit(
+    data: PermitCreate, operator: ApiOperator, db: SessionDep, now: NowDep
+) -> PermitRead:
     permit = service.create_permit(db, data, now=now)
     db.commit()
     return service.permit_read(permit)
 
 
 @router.get("/api/v1/accounts/{account_id}/permits")
-def list_permits(account_id: str, db: SessionDep) -> list[PermitRead]:
+def list_permits(account_id: str, viewer: ApiViewer, db: SessionDep) -> list[PermitRead]:
     accounts.require_account(db, account_id)
     return [service.permit_read(p) for p in service.list_permits(db, account_id)]
 
@@ -125,23 +132,34 @@ def list_permits(account_id: str, db: SessionDep) -> list[PermitRead]:
     responses=_KEY_REUSED,
 )
 def add_validation(
-    session_id: str, data: ValidationCreate, key: IdempotencyKey, db: SessionDep, now: NowDep
+    session_id: str,
+    data: ValidationCreate,
+    *,
+    key: IdempotencyKey,
+    operator: ApiOperator,
+    db: SessionDep,
+    now: NowDep,
+    central: CentralDep,
 ) -> JSONResponse:
-    parking = sessions.require_session(db, session_id)
-    result, replayed = _once(
-        db,
-        now,
-        scope=f"validation:{session_id}",
-        key=key,
-        body=data.model_dump(mode="json"),
-        model=ValidationRead,
-        run=lambda: service.add_validation(db, parking, data, now=now),
-    )
+    scope = f"validation:{session_id}"
+    with in_flight(central.engine, db, scope=scope, key=key, now=now):
+        parking = sessions.require_session(db, session_id)
+        result, replayed = _once(
+            db,
+            now,
+            scope=scope,
+            key=key,
+            body=data.model_dump(mode="json"),
+            model=ValidationRead,
+            run=lambda: service.add_validation(db, parking, data, now=now),
+        )
     return _created(result, replayed)
 
 
 @router.get("/api/v1/sessions/{session_id}/quote")
-def quote_open_session(session_id: str, db: SessionDep, now: NowDep) -> StayQuoteRead:
+def quote_open_session(
+    session_id: str, viewer: ApiViewer, db: SessionDep, now: NowDep
+) -> StayQuoteRead:
     """What the stay would cost if it ended now (permits, validations, prepayment applied)."""
     parking = sessions.require_session(db, session_id)
     lot = lots.require_lot(db, parking.lot_id)
@@ -178,27 +196,29 @@ def pay_session(
     data: SessionPayCreate,
     *,
     key: IdempotencyKey,
+    operator: ApiOperator,
     db: SessionDep,
     now: NowDep,
     central: CentralDep,
 ) -> JSONResponse:
     """Pay an open stay before driving to the exit (then the exit opens within the grace)."""
-    parking = sessions.require_session(db, session_id)
-    lot = lots.require_lot(db, parking.lot_id)
-    account = accounts.require_account(db, parking.account_id)
     scope = f"session-pay:{session_id}"
-    replayed = service.already_done(db, scope, key)
-    result = service.pay_open_session(
-        db,
-        central.flow_config.payments,
-        lot=lot,
-        parking=parking,
-        account=account,
-        method=data.method,
-        key=key,
-        now=now,
-    )
-    _commit(db)
+    with in_flight(central.engine, db, scope=scope, key=key, now=now):
+        parking = sessions.require_session(db, session_id)
+        lot = lots.require_lot(db, parking.lot_id)
+        account = accounts.require_account(db, parking.account_id)
+        replayed = service.already_done(db, scope, key)
+        result = service.pay_open_session(
+            db,
+            central.flow_config.payments,
+            lot=lot,
+            parking=parking,
+            account=account,
+            method=data.method,
+            key=key,
+            now=now,
+        )
+        _commit(db)
     return _created(result, replayed)
 
 
@@ -217,23 +237,27 @@ def refund_session(
     data: RefundCreate,
     *,
     key: IdempotencyKey,
+    operator: ApiOperator,
     db: SessionDep,
     now: NowDep,
     central: CentralDep,
 ) -> JSONResponse:
-    """An operator's full or partial refund, with a reason; recorded in the audit log."""
-    parking = sessions.require_session(db, session_id)
-    refunds, replayed = service.refund_session(
-        db, central.flow_config.payments, parking=parking, data=data, key=key, now=now
-    )
-    _commit(db)
+    """An operator's full or partial refund, with a reason; recorded in the audit log under
+    the caller's identity (a client-sent ``actor`` is replaced)."""
+    data = data.model_copy(update={"actor": operator.actor[:100]})
+    with in_flight(central.engine, db, scope=f"refund:{session_id}", key=key, now=now):
+        parking = sessions.require_session(db, session_id)
+        refunds, replayed = service.refund_session(
+            db, central.flow_config.payments, parking=parking, data=data, key=key, now=now
+        )
+        _commit(db)
     body = TypeAdapter(list[RefundRead]).dump_python(refunds, mode="json")
     headers = {"Idempotent-Replayed": "true"} if replayed else {}
     return JSONResponse(body, status_code=status.HTTP_201_CREATED, headers=headers)
 
 
 @router.get("/api/v1/sessions/{session_id}/receipt")
-def get_receipt(session_id: str, db: SessionDep) -> ReceiptRead:
+def get_receipt(session_id: str, viewer: ApiViewer, db: SessionDep) -> ReceiptRead:
     return receipts.receipt(db, sessions.require_session(db, session_id))
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Annotated
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Path, status
 
+from server.audit import service as audit
+from server.auth.api import ApiAdmin, ApiViewer
 from server.deps import NowDep, SessionDep
 from server.errors import UnprocessableError
 from server.lots import service as lots
@@ -29,7 +32,7 @@ MAX_PREVIEW = timedelta(days=366)
 
 @router.post("/tariffs", status_code=status.HTTP_201_CREATED)
 def create_version(
-    lot_id: str, data: TariffVersionCreate, db: SessionDep, now: NowDep
+    lot_id: str, data: TariffVersionCreate, admin: ApiAdmin, db: SessionDep, now: NowDep
 ) -> TariffVersionRead:
     """A new tariff version from ``effective_from`` (now or later; never retroactive)."""
     lot = lots.require_lot(db, lot_id)
@@ -42,23 +45,42 @@ def create_version(
         now=now,
         note=data.note,
     )
+    audit.record(
+        db,
+        actor=admin.actor,
+        action="tariff.create_version",
+        target_type="lot",
+        target_id=lot.lot_id,
+        now=now,
+        reason=data.note or "",
+        details={
+            "version": version.version,
+            "effective_from": version.effective_from.isoformat(),
+            "tariff": data.tariff.model_dump(mode="json", exclude_defaults=True),
+        },
+    )
     db.commit()
     return service.version_read(version)
 
 
 @router.get("/tariffs")
-def list_versions(lot_id: str, db: SessionDep) -> list[TariffVersionRead]:
+def list_versions(lot_id: str, viewer: ApiViewer, db: SessionDep) -> list[TariffVersionRead]:
     lots.require_lot(db, lot_id)
     return [service.version_read(v) for v in service.list_versions(db, lot_id)]
 
 
 @router.get("/tariffs/{version}")
-def get_version(lot_id: str, version: int, db: SessionDep) -> TariffVersionRead:
+def get_version(
+    lot_id: str,
+    version: Annotated[int, Path(ge=1, le=2**31 - 1)],
+    viewer: ApiViewer,
+    db: SessionDep,
+) -> TariffVersionRead:
     return service.version_read(service.require_version(db, lot_id, version))
 
 
 @router.post("/quotes")
-def preview_quote(lot_id: str, data: QuotePreview, db: SessionDep) -> QuoteRead:
+def preview_quote(lot_id: str, data: QuotePreview, viewer: ApiViewer, db: SessionDep) -> QuoteRead:
     """Price a stay without storing anything: a draft tariff, a version, or the one in force
     at ``entry_at`` (operators preview a new version before it takes effect)."""
     lot = lots.require_lot(db, lot_id)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from parking_protocol.messages import EventAck, GateCommand, ScanEvent, decode, encode, new_id
 from parking_protocol.qr_token import CodeClaims, CodeRejected, verify_code
@@ -26,24 +26,37 @@ from server.gateways.service import get_gate
 from server.lots.models import Lot
 from server.lots.service import get_lot
 from server.payments import service as payments
+from server.payments.models import Payment, RefundCreate
 from server.payments.provider import PaymentProviders
 from server.pricing import service as pricing
 from server.pricing.adjust import StayPrice
 from server.pricing.engine import lost_ticket_quote
 from server.sessions import service as sessions
-from server.sessions.models import ParkingSession
+from server.sessions.models import ParkingSession, PendingScan, SessionState
 
-__all__ = ["FlowConfig", "Reply", "handle_scan", "internal_error_reply", "unavailable_reply"]
+__all__ = [
+    "FlowConfig",
+    "Reply",
+    "event_time",
+    "handle_scan",
+    "internal_error_reply",
+    "unavailable_reply",
+]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class FlowConfig:
+    """``max_event_age``: how old an online event's ``scanned_at`` may be and still be the
+    time its code is judged at and its stay dated by (see :func:`event_time`): the longest
+    code lifetime the protocol allows (10 min) plus five minutes of delivery delay."""
+
     keys: Mapping[str, Ed25519PublicKey]
     skew: timedelta = timedelta(seconds=5)
     command_ttl: timedelta = timedelta(seconds=10)
     payments: PaymentProviders = field(default_factory=PaymentProviders)
+    max_event_age: timedelta = timedelta(minutes=15)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,12 +151,22 @@ def unavailable_reply(
 def handle_scan(
     db: Session, event: ScanEvent, ref: TopicRef, *, now: datetime, config: FlowConfig
 ) -> Reply:
-    """Answer one scan event exactly once; a redelivered event gets its stored answer."""
+    """Answer one scan event exactly once; a redelivered event gets its stored answer,
+    unless it now says the gate did otherwise on its own: then the stay is reconciled."""
     assert ref.gate_id is not None, "scan events arrive on per-gate topics"
     done = sessions.get_processed(db, event.event_id)
     if done is not None:
         stored = decode(done.reply_json)
         assert isinstance(stored, GateCommand | EventAck)
+        if (
+            event.offline is not None
+            and isinstance(stored, GateCommand)
+            and stored.action != event.offline.action
+        ):
+            # The answer came too late: the gate had already decided otherwise.
+            reply = _ack(event, ref, _redress(db, event, ref, stored, now=now, config=config))
+            sessions.replace_reply(db, done, reply.payload.decode())
+            return reply
         return Reply(
             topic=gate_topic(done.lot_id, done.gate_id, TopicKind.COMMANDS),
             payload=done.reply_json.encode(),
@@ -154,7 +177,7 @@ def handle_scan(
             replayed=True,
         )
     if event.offline is not None:
-        reply = _ack(event, ref, _reconcile(db, event, ref, config))
+        reply = _ack(event, ref, _reconcile(db, event, ref, now, config))
     else:
         reply = _command(event, ref, _decide(db, event, ref, now, config), now, config)
     sessions.record_processed(
@@ -168,6 +191,20 @@ def handle_scan(
         now=now,
     )
     return reply
+
+
+def event_time(event: ScanEvent, now: datetime, config: FlowConfig) -> datetime:
+    """When an online scan happened: its ``scanned_at`` if plausible, else ``now``.
+
+    Plausible means not ahead of ``now`` by more than the clock skew and not older than
+    ``config.max_event_age``. A delayed event (the service restarting, a slow broker) is
+    then judged as the gate saw it: a code valid when scanned is not refused as expired
+    minutes later. Signature and single use are checked whatever the time.
+    """
+    at = event.scanned_at
+    if now - config.max_event_age <= at <= now + config.skew:
+        return min(at, now)
+    return now
 
 
 def _gate_check(db: Session, event: ScanEvent, ref: TopicRef) -> tuple[Lot, Direction] | Reason:
@@ -197,7 +234,8 @@ def _decide(
     if isinstance(checked, Reason):
         return _deny(checked)
     lot, direction = checked
-    claims = _verify(event, now, config)  # never trust the gateway's own verification
+    at = event_time(event, now, config)
+    claims = _verify(event, at, config)  # never trust the gateway's own verification
     if isinstance(claims, Reason):
         return _deny(claims)
     if sessions.nonce_used(db, claims.nonce):
@@ -210,36 +248,52 @@ def _decide(
     current = sessions.find_open(db, account.account_id, lot.lot_id)
 
     if direction == Direction.ENTRY:
-        if current is not None:
-            return _deny(Reason.ALREADY_INSIDE)
-        if sessions.count_open(db, lot.lot_id) >= lot.capacity:
-            return _deny(Reason.LOT_FULL)
-        parking = sessions.open_session(
-            db,
-            account_id=account.account_id,
-            lot_id=lot.lot_id,
-            gate_id=event.gate_id,
-            event_id=event.event_id,
-            entered_at=now,
-            currency=lot.currency,
-        )
-        _burn(db, claims, event, now)
-        return _Decision(GateAction.OPEN, Reason.WELCOME, session_id=parking.session_id)
+        entry = _Entry(db, lot, account, at, now, config, event.gate_id, event.event_id, False)
+        left = _pending_exit(entry)
+        if left is None:
+            if current is not None:
+                return _deny(Reason.ALREADY_INSIDE)
+            if sessions.count_open(db, lot.lot_id) >= lot.capacity:
+                return _deny(Reason.LOT_FULL)
+        decision = _enter(entry, left)
+        _burn(db, claims, event, at)
+        return decision
 
-    decision = _exit(_Exit(db, event, lot, account, now, config, offline=False), current)
+    exit_ = _Exit(db, lot, account, at, now, config, event.gate_id, event.event_id, False)
+    decision = _exit(exit_, current)
     if decision.action == GateAction.OPEN:
-        _burn(db, claims, event, now)
+        _burn(db, claims, event, at)
     return decision
 
 
-def _burn(db: Session, claims: CodeClaims, event: ScanEvent, now: datetime) -> None:
+def _burn(db: Session, claims: CodeClaims, event: ScanEvent, at: datetime) -> None:
     """A code that opened a gate is spent; denied scans do not spend it."""
     sessions.record_nonce(
-        db, nonce=claims.nonce, account_id=claims.account_id, event_id=event.event_id, now=now
+        db, nonce=claims.nonce, account_id=claims.account_id, event_id=event.event_id, now=at
     )
 
 
-def _reconcile(db: Session, event: ScanEvent, ref: TopicRef, config: FlowConfig) -> _Decision:
+def _flag(
+    db: Session, event: ScanEvent, account_id: str | None, *, kind: str, detail: str, now: datetime
+) -> None:
+    log.warning(
+        "reconcile %s at %s/%s (%s): %s", kind, event.lot_id, event.gate_id, account_id, detail
+    )
+    sessions.add_flag(
+        db,
+        event_id=event.event_id,
+        lot_id=event.lot_id,
+        gate_id=event.gate_id,
+        account_id=account_id,
+        kind=kind,
+        detail=detail,
+        now=now,
+    )
+
+
+def _reconcile(
+    db: Session, event: ScanEvent, ref: TopicRef, now: datetime, config: FlowConfig
+) -> _Decision:
     """Record what a gateway did on its own while offline; the gate already acted."""
     assert event.offline is not None
     offline = event.offline
@@ -247,39 +301,209 @@ def _reconcile(db: Session, event: ScanEvent, ref: TopicRef, config: FlowConfig)
         return _Decision(GateAction.DENY, offline.reason)
     checked = _gate_check(db, event, ref)
     if isinstance(checked, Reason):
-        log.warning("offline open at %s/%s not reconciled: %s", ref.lot_id, ref.gate_id, checked)
+        _flag(
+            db,
+            event,
+            None,
+            kind="offline_open_unreconciled",
+            detail=f"gate check: {checked}",
+            now=now,
+        )
         return _deny(checked)
     lot, direction = checked
-    at = event.scanned_at
-    claims = _verify(event, at, config)  # validity judged when it was scanned, not now
+    # Validity is judged when the code was scanned, not now; a gateway clock ahead of ours
+    # dates nothing in the future.
+    claims = _verify(event, event.scanned_at, config)
+    at = min(event.scanned_at, now)
     if isinstance(claims, Reason):
-        log.warning("offline open with a bad code (%s) at %s/%s", claims, lot.lot_id, event.gate_id)
+        _flag(
+            db,
+            event,
+            None,
+            kind="offline_open_bad_code",
+            detail=f"the gate opened for {claims}",
+            now=now,
+        )
         return _deny(claims)
     if sessions.nonce_used(db, claims.nonce):
-        log.warning("offline open with a replayed code at %s/%s", lot.lot_id, event.gate_id)
+        # One code opened two gates (or one twice) while they were offline: recorded once,
+        # never a second session or charge.
+        _flag(
+            db,
+            event,
+            claims.account_id,
+            kind="code_reused",
+            detail="a spent code opened the gate",
+            now=now,
+        )
         return _deny(Reason.CODE_REPLAYED)
     account = accounts.get_account(db, claims.account_id)
     if account is None:
+        _flag(
+            db,
+            event,
+            claims.account_id,
+            kind="offline_open_unknown_account",
+            detail="no account",
+            now=now,
+        )
         return _deny(Reason.ACCOUNT_UNKNOWN)
     current = sessions.find_open(db, account.account_id, lot.lot_id)
     _burn(db, claims, event, at)
 
     if direction == Direction.ENTRY:
-        if current is not None:
+        entry = _Entry(db, lot, account, at, now, config, event.gate_id, event.event_id, True)
+        paid_as_lost = sessions.lost_ticket_exit_after(db, account.account_id, lot.lot_id, at)
+        if paid_as_lost is not None:
+            # The car already left, online, paying the lost-ticket fee: this is that stay's
+            # entry. Claimed (so it is matched once) and flagged; no second stay or charge.
+            claimed = _pend(
+                db, account=account, lot=lot, event=event, direction=Direction.ENTRY, at=at, now=now
+            )
+            sessions.settle_pending(db, claimed, paid_as_lost.session_id, now)
+            detail = f"entry of lost-ticket stay {paid_as_lost.session_id}"
+            _flag(
+                db,
+                event,
+                account.account_id,
+                kind="entry_after_lost_ticket",
+                detail=detail,
+                now=now,
+            )
+            return _Decision(GateAction.OPEN, Reason.WELCOME, session_id=paid_as_lost.session_id)
+        left = _pending_exit(entry)
+        if left is None and current is not None:
+            # Still inside as far as we know: the exit of that stay has not arrived yet.
+            # This entry waits for it (see _admit_pending_entry).
+            _pend(
+                entry.db,
+                account=account,
+                lot=lot,
+                event=event,
+                direction=Direction.ENTRY,
+                at=at,
+                now=now,
+            )
             return _deny(Reason.ALREADY_INSIDE)
-        parking = sessions.open_session(
-            db,
-            account_id=account.account_id,
-            lot_id=lot.lot_id,
-            gate_id=event.gate_id,
-            event_id=event.event_id,
-            entered_at=at,
-            currency=lot.currency,
-            offline=True,
-        )
-        return _Decision(GateAction.OPEN, Reason.WELCOME, session_id=parking.session_id)
+        return _enter(entry, left)
 
-    return _exit(_Exit(db, event, lot, account, at, config, offline=True), current)
+    exit_ = _Exit(db, lot, account, at, now, config, event.gate_id, event.event_id, True)
+    return _exit(exit_, current)
+
+
+def _pend(
+    db: Session,
+    *,
+    account: Account,
+    lot: Lot,
+    event: ScanEvent,
+    direction: Direction,
+    at: datetime,
+    now: datetime,
+) -> PendingScan:
+    log.info(
+        "offline %s of %s in %s at %s kept pending", direction, account.account_id, lot.lot_id, at
+    )
+    return sessions.record_pending(
+        db,
+        event_id=event.event_id,
+        account_id=account.account_id,
+        lot_id=lot.lot_id,
+        gate_id=event.gate_id,
+        direction=direction.value,
+        at=at,
+        now=now,
+    )
+
+
+def _redress(
+    db: Session,
+    event: ScanEvent,
+    ref: TopicRef,
+    stored: GateCommand,
+    *,
+    now: datetime,
+    config: FlowConfig,
+) -> _Decision:
+    """The service answered too late and the gate acted otherwise: follow the gate."""
+    assert event.offline is not None
+    if event.offline.action == GateAction.OPEN:
+        # Denied here, but the barrier opened: the deny changed nothing, so reconcile the
+        # event as the offline open it was.
+        return _reconcile(db, event, ref, now, config)
+    return _void(db, event, stored, now, config)
+
+
+def _void(
+    db: Session, event: ScanEvent, stored: GateCommand, now: datetime, config: FlowConfig
+) -> _Decision:
+    """Opened here, but the barrier stayed shut: undo the entry or the exit."""
+    assert event.offline is not None
+    kept = _Decision(GateAction.DENY, event.offline.reason)
+    parking = db.get(ParkingSession, stored.session_id) if stored.session_id else None
+    if parking is None:
+        _flag(db, event, None, kind="void_failed", detail="the opened stay is not known", now=now)
+        return kept
+    account = accounts.get_account(db, parking.account_id)
+    if event.direction == Direction.ENTRY:
+        if parking.state == SessionState.OPEN and parking.entry_event_id == event.event_id:
+            parking.state = SessionState.VOID
+            db.add(parking)
+            db.flush()
+            sessions.release_nonce(db, event.event_id)
+            return kept
+        _flag(
+            db,
+            event,
+            parking.account_id,
+            kind="void_failed",
+            detail=f"entry stay {parking.state}",
+            now=now,
+        )
+        return kept
+    reopenable = (
+        parking.state == SessionState.CLOSED
+        and parking.exit_event_id == event.event_id
+        and parking.settlement in ("free", "paid")
+        and account is not None
+        and sessions.find_open(db, parking.account_id, parking.lot_id) is None
+    )
+    if not reopenable:
+        detail = f"exit stay {parking.state}, settlement {parking.settlement}"
+        _flag(db, event, parking.account_id, kind="void_failed", detail=detail, now=now)
+        return kept
+    if any(p.status == "captured" for p in payments.session_payments(db, parking.session_id)):
+        payments.refund_session(
+            db,
+            config.payments,
+            parking=parking,
+            data=RefundCreate(reason="the exit barrier stayed shut", actor="reconcile"),
+            key=f"void:{event.event_id}",
+            now=now,
+        )
+    sessions.release_nonce(db, event.event_id)
+    if parking.lost_ticket:
+        parking.state = SessionState.VOID
+        db.add(parking)
+        db.flush()
+    else:
+        sessions.reopen_session(db, parking)
+    return kept
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One entry being recorded (online, or reconciled after an offline open)."""
+
+    db: Session
+    lot: Lot
+    account: Account
+    at: datetime
+    now: datetime
+    config: FlowConfig
+    gate_id: str
+    event_id: str
+    offline: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,24 +511,168 @@ class _Exit:
     """One exit being decided (online, or reconciled after an offline open)."""
 
     db: Session
-    event: ScanEvent
     lot: Lot
     account: Account
     at: datetime
+    now: datetime
     config: FlowConfig
+    gate_id: str
+    event_id: str
     offline: bool
 
 
-def _exit(exit_: _Exit, current: ParkingSession | None) -> _Decision:
-    """Price and settle the stay; open, or deny with what is due and how to pay it.
+def _pending_exit(entry: _Entry) -> PendingScan | None:
+    """An offline exit already reconciled without a stay, that this entry began."""
+    return sessions.earliest_pending(
+        entry.db,
+        entry.account.account_id,
+        entry.lot.lot_id,
+        Direction.EXIT.value,
+        not_before=entry.at,
+    )
 
-    Offline the gate already opened, and a ``pay_later`` lot always opens: a payment that
-    fails there turns the stay into a debt instead of a deny.
+
+def _new_session(entry: _Entry) -> ParkingSession:
+    return ParkingSession(
+        session_id=new_id(),
+        account_id=entry.account.account_id,
+        lot_id=entry.lot.lot_id,
+        state=SessionState.OPEN,
+        entry_gate_id=entry.gate_id,
+        entry_event_id=entry.event_id,
+        entered_at=entry.at,
+        offline_entry=entry.offline,
+        currency=entry.lot.currency,
+    )
+
+
+def _enter(entry: _Entry, left: PendingScan | None) -> _Decision:
+    """Open the stay; if its offline exit is already known, close it at once and charge it
+    (as a debt if short: that barrier opened long ago)."""
+    if left is None:
+        parking = sessions.open_session(
+            entry.db,
+            account_id=entry.account.account_id,
+            lot_id=entry.lot.lot_id,
+            gate_id=entry.gate_id,
+            event_id=entry.event_id,
+            entered_at=entry.at,
+            currency=entry.lot.currency,
+            offline=entry.offline,
+        )
+        return _Decision(GateAction.OPEN, Reason.WELCOME, session_id=parking.session_id)
+    parking = _new_session(entry)  # never stored open: it is already over
+    exit_ = _Exit(
+        entry.db,
+        entry.lot,
+        entry.account,
+        left.at,
+        entry.now,
+        entry.config,
+        left.gate_id,
+        left.event_id,
+        True,
+    )
+    stay, version = payments.stay_price(entry.db, entry.lot, parking, left.at)
+    _settle(exit_, parking, stay, version.version)
+    sessions.settle_pending(entry.db, left, parking.session_id, entry.now)
+    log.info("offline exit %s settled by its entry %s", left.event_id, entry.event_id)
+    return _Decision(GateAction.OPEN, Reason.WELCOME, session_id=parking.session_id)
+
+
+def _exit(exit_: _Exit, current: ParkingSession | None) -> _Decision:
+    """Find the stay this exit ends, price and settle it; open, or deny with what is due.
+
+    The stay is the latest entry at or before the exit: the open session, or a later
+    offline entry still pending. Offline the gate already opened, and a ``pay_later`` lot
+    always opens: a payment that fails there turns the stay into a debt instead of a deny.
     """
-    if current is None:
-        return _lost_ticket(exit_)
-    stay, version = payments.stay_price(exit_.db, exit_.lot, current, exit_.at)
-    return _settle(exit_, current, stay, version.version)
+    db, account, lot = exit_.db, exit_.account, exit_.lot
+    since = current.entered_at if current is not None else None
+    if since is None or since <= exit_.at or exit_.offline:
+        later = sessions.latest_pending(
+            db,
+            account.account_id,
+            lot.lot_id,
+            Direction.ENTRY.value,
+            not_after=exit_.at,
+            not_before=since if since is not None and since <= exit_.at else None,
+        )
+        if later is not None:
+            return _exit_pending_entry(exit_, later)
+    if current is not None and (since is None or since <= exit_.at or not exit_.offline):
+        at = max(exit_.at, current.entered_at)
+        stay, version = payments.stay_price(db, lot, current, at)
+        decision = _settle(replace(exit_, at=at), current, stay, version.version)
+        if current.state == SessionState.CLOSED:
+            _admit_pending_entry(replace(exit_, at=at))
+        return decision
+    if exit_.offline:
+        # The gate opened before its entry reached us: the entry settles it when it comes.
+        sessions.record_pending(
+            db,
+            event_id=exit_.event_id,
+            account_id=account.account_id,
+            lot_id=lot.lot_id,
+            gate_id=exit_.gate_id,
+            direction=Direction.EXIT.value,
+            at=exit_.at,
+            now=exit_.now,
+        )
+        log.info("offline exit of %s in %s kept pending", account.account_id, lot.lot_id)
+        return _deny(Reason.NO_OPEN_SESSION)
+    return _lost_ticket(exit_)
+
+
+def _exit_pending_entry(exit_: _Exit, pending: PendingScan) -> _Decision:
+    """The exit ends a stay that began with an offline entry still pending."""
+    entry = _Entry(
+        exit_.db,
+        exit_.lot,
+        exit_.account,
+        pending.at,
+        exit_.now,
+        exit_.config,
+        pending.gate_id,
+        pending.event_id,
+        True,
+    )
+    parking = _new_session(entry)
+    stay, version = payments.stay_price(exit_.db, exit_.lot, parking, exit_.at)
+    decision = _settle(exit_, parking, stay, version.version)
+    if parking.state == SessionState.CLOSED:
+        sessions.settle_pending(exit_.db, pending, parking.session_id, exit_.now)
+    return decision
+
+
+def _admit_pending_entry(closed: _Exit) -> None:
+    """A stay just closed: an offline entry that was waiting for it now begins its own."""
+    db, account, lot = closed.db, closed.account, closed.lot
+    at = closed.at
+    while True:
+        pending = sessions.earliest_pending(
+            db, account.account_id, lot.lot_id, Direction.ENTRY.value, not_before=at
+        )
+        if pending is None or sessions.find_open(db, account.account_id, lot.lot_id):
+            return
+        entry = _Entry(
+            db,
+            lot,
+            account,
+            pending.at,
+            closed.now,
+            closed.config,
+            pending.gate_id,
+            pending.event_id,
+            True,
+        )
+        left = _pending_exit(entry)
+        decision = _enter(entry, left)
+        assert decision.session_id is not None
+        sessions.settle_pending(db, pending, decision.session_id, closed.now)
+        if left is None:
+            return
+        at = left.at
 
 
 def _lost_ticket(exit_: _Exit) -> _Decision:
@@ -313,24 +681,28 @@ def _lost_ticket(exit_: _Exit) -> _Decision:
     version = pricing.version_at(db, lot.lot_id, exit_.at)
     flat = lost_ticket_quote(pricing.tariff_of(version, lot.timezone))
     if flat is None:
-        if exit_.offline:
-            log.warning(
-                "offline exit of %s with no open session in %s", account.account_id, lot.lot_id
-            )
         return _deny(Reason.NO_OPEN_SESSION)
     parking = ParkingSession(
         session_id=new_id(),
         account_id=account.account_id,
         lot_id=lot.lot_id,
         state="open",
-        entry_gate_id=exit_.event.gate_id,
-        entry_event_id=exit_.event.event_id,
+        entry_gate_id=exit_.gate_id,
+        entry_event_id=exit_.event_id,
         entered_at=exit_.at,
         offline_entry=exit_.offline,
         currency=flat.amount.currency,
         lost_ticket=True,
     )
     return _settle(exit_, parking, StayPrice(flat, flat.amount.amount_minor), version.version)
+
+
+def _payment_key(db: Session, parking: ParkingSession, event_id: str) -> str:
+    """One key per stay; a stay reopened (its exit voided) pays again under a new one."""
+    key = f"exit:{parking.session_id}"
+    if db.exec(select(Payment.payment_id).where(Payment.idempotency_key == key)).first():
+        return f"{key}:{event_id}"
+    return key
 
 
 def _settle(exit_: _Exit, parking: ParkingSession, stay: StayPrice, version: int) -> _Decision:
@@ -342,7 +714,7 @@ def _settle(exit_: _Exit, parking: ParkingSession, stay: StayPrice, version: int
         lot_id=exit_.lot.lot_id,
         session_id=parking.session_id,
         amount=due,
-        key=f"exit:{parking.session_id}",
+        key=_payment_key(exit_.db, parking, exit_.event_id),
         now=exit_.at,
         allow_debt=exit_.offline or exit_.lot.payment_policy == "pay_later",
         check_replay=False,  # handle_scan answered redeliveries already
@@ -356,8 +728,8 @@ def _settle(exit_: _Exit, parking: ParkingSession, stay: StayPrice, version: int
     sessions.close_session(
         exit_.db,
         parking,
-        gate_id=exit_.event.gate_id,
-        event_id=exit_.event.event_id,
+        gate_id=exit_.gate_id,
+        event_id=exit_.event_id,
         exited_at=exit_.at,
         quote=stay.quote,
         settlement=settlement,

@@ -1,4 +1,5 @@
-"""Tables for parking sessions, used code nonces, processed events and dead letters."""
+"""Tables for parking sessions, used code nonces, processed events, dead letters, and the
+offline scans and flags that reconciliation keeps."""
 
 from datetime import datetime
 
@@ -14,7 +15,9 @@ __all__ = [
     "DeadLetter",
     "LineItemRead",
     "ParkingSession",
+    "PendingScan",
     "ProcessedEvent",
+    "ReconcileFlag",
     "SessionRead",
     "SessionState",
     "UsedNonce",
@@ -24,6 +27,7 @@ __all__ = [
 class SessionState:
     OPEN = "open"
     CLOSED = "closed"
+    VOID = "void"  # an online entry the gate did not carry out (it stayed shut offline)
 
 
 OPEN_ONLY = sa.text("state = 'open'")
@@ -95,6 +99,41 @@ class ProcessedEvent(SQLModel, table=True):
     boot: int = Field(sa_type=sa.BigInteger)
     reply_json: str = Field(sa_type=sa.Text)
     processed_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class PendingScan(SQLModel, table=True):
+    """A gate's offline open that matched no stay yet: an exit before its entry is known,
+    or an entry while an earlier stay is still open. A later scan settles it."""
+
+    __tablename__ = "pending_scans"
+    __table_args__ = (sa.Index("ix_pending_scans_account_lot", "account_id", "lot_id"),)
+
+    event_id: str = Field(primary_key=True, max_length=64)
+    account_id: str = Field(max_length=36)
+    lot_id: str = Field(max_length=36)
+    gate_id: str = Field(max_length=36)
+    direction: str = Field(max_length=8)  # entry | exit
+    at: datetime = Field(sa_type=UTCDateTime)  # when the gate opened (the scan time)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    session_id: str | None = Field(default=None, max_length=64)  # set once settled
+    settled_at: datetime | None = Field(default=None, sa_type=UTCDateTime, nullable=True)
+
+
+class ReconcileFlag(SQLModel, table=True):
+    """Something reconciliation found that an operator should look at (e.g. one code used
+    offline at two gates); recorded once per event and kind, never charged twice."""
+
+    __tablename__ = "reconcile_flags"
+    __table_args__ = (sa.UniqueConstraint("event_id", "kind"),)
+
+    flag_id: int | None = Field(default=None, primary_key=True)
+    event_id: str = Field(max_length=64)
+    lot_id: str = Field(max_length=36)
+    gate_id: str = Field(max_length=36)
+    account_id: str | None = Field(default=None, max_length=36)
+    kind: str = Field(max_length=40)
+    detail: str = Field(sa_type=sa.Text)
+    created_at: datetime = Field(sa_type=UTCDateTime)
 
 
 class DeadLetter(SQLModel, table=True):

@@ -1,10 +1,12 @@
-"""Data access for parking sessions, code nonces, processed events and dead letters."""
+"""Data access for parking sessions, code nonces, processed events, dead letters, pending
+offline scans and reconciliation flags."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
@@ -17,25 +19,38 @@ from server.sessions.models import (
     DeadLetter,
     LineItemRead,
     ParkingSession,
+    PendingScan,
     ProcessedEvent,
+    ReconcileFlag,
     SessionRead,
     SessionState,
     UsedNonce,
 )
 
 __all__ = [
+    "add_flag",
     "close_session",
     "count_open",
+    "earliest_pending",
     "find_open",
     "get_processed",
+    "latest_pending",
+    "list_flags",
+    "list_pending",
     "list_sessions",
+    "lost_ticket_exit_after",
     "nonce_used",
     "open_session",
     "record_dead_letter",
     "record_nonce",
+    "record_pending",
     "record_processed",
+    "release_nonce",
+    "reopen_session",
+    "replace_reply",
     "require_session",
     "session_read",
+    "settle_pending",
 ]
 
 
@@ -217,3 +232,171 @@ def session_read(parking: ParkingSession) -> SessionRead:
         prepaid_minor=parking.prepaid_minor,
         lost_ticket=parking.lost_ticket,
     )
+
+
+def replace_reply(db: Session, done: ProcessedEvent, reply_json: str) -> None:
+    """An event reconciled again (the gate did otherwise): its stored answer changes."""
+    done.reply_json = reply_json
+    db.add(done)
+    db.flush()
+
+
+def release_nonce(db: Session, event_id: str) -> None:
+    """The scan ``event_id`` did not open its gate after all: its code is not spent."""
+    for used in db.exec(select(UsedNonce).where(UsedNonce.event_id == event_id)).all():
+        db.delete(used)
+    db.flush()
+
+
+def reopen_session(db: Session, parking: ParkingSession) -> ParkingSession:
+    """Undo an exit the gate did not carry out: the stay is open again."""
+    parking.state = SessionState.OPEN
+    parking.exit_gate_id = None
+    parking.exit_event_id = None
+    parking.exited_at = None
+    parking.offline_exit = False
+    parking.amount_minor = None
+    parking.settlement = None
+    parking.charge_transaction_id = None
+    parking.tariff_version = None
+    parking.payment_method = None
+    parking.quote_json = None
+    db.add(parking)
+    db.flush()
+    return parking
+
+
+def record_pending(
+    db: Session,
+    *,
+    event_id: str,
+    account_id: str,
+    lot_id: str,
+    gate_id: str,
+    direction: str,
+    at: datetime,
+    now: datetime,
+) -> PendingScan:
+    pending = PendingScan(
+        event_id=event_id,
+        account_id=account_id,
+        lot_id=lot_id,
+        gate_id=gate_id,
+        direction=direction,
+        at=at,
+        created_at=now,
+    )
+    db.add(pending)
+    db.flush()
+    return pending
+
+
+def _unsettled(account_id: str, lot_id: str, direction: str) -> Any:
+    return select(PendingScan).where(
+        PendingScan.account_id == account_id,
+        PendingScan.lot_id == lot_id,
+        PendingScan.direction == direction,
+        col(PendingScan.session_id).is_(None),
+    )
+
+
+def earliest_pending(
+    db: Session, account_id: str, lot_id: str, direction: str, *, not_before: datetime
+) -> PendingScan | None:
+    """The first unsettled pending scan at or after ``not_before``."""
+    query = _unsettled(account_id, lot_id, direction).where(PendingScan.at >= not_before)
+    found: PendingScan | None = db.exec(
+        query.order_by(col(PendingScan.at), col(PendingScan.event_id))
+    ).first()
+    return found
+
+
+def latest_pending(
+    db: Session,
+    account_id: str,
+    lot_id: str,
+    direction: str,
+    *,
+    not_after: datetime,
+    not_before: datetime | None = None,
+) -> PendingScan | None:
+    """The last unsettled pending scan at or before ``not_after`` (and after ``not_before``)."""
+    query = _unsettled(account_id, lot_id, direction).where(PendingScan.at <= not_after)
+    if not_before is not None:
+        query = query.where(PendingScan.at >= not_before)
+    found: PendingScan | None = db.exec(
+        query.order_by(col(PendingScan.at).desc(), col(PendingScan.event_id).desc())
+    ).first()
+    return found
+
+
+def settle_pending(db: Session, pending: PendingScan, session_id: str, now: datetime) -> None:
+    pending.session_id = session_id
+    pending.settled_at = now
+    db.add(pending)
+    db.flush()
+
+
+def list_pending(db: Session, *, lot_id: str | None = None) -> list[PendingScan]:
+    query = select(PendingScan).where(col(PendingScan.session_id).is_(None))
+    if lot_id is not None:
+        query = query.where(PendingScan.lot_id == lot_id)
+    return list(db.exec(query.order_by(col(PendingScan.at))).all())
+
+
+def add_flag(
+    db: Session,
+    *,
+    event_id: str,
+    lot_id: str,
+    gate_id: str,
+    account_id: str | None,
+    kind: str,
+    detail: str,
+    now: datetime,
+) -> None:
+    """Record a finding for an operator, once per event and kind."""
+    existing = db.exec(
+        select(ReconcileFlag).where(ReconcileFlag.event_id == event_id, ReconcileFlag.kind == kind)
+    ).first()
+    if existing is not None:
+        return
+    db.add(
+        ReconcileFlag(
+            event_id=event_id,
+            lot_id=lot_id,
+            gate_id=gate_id,
+            account_id=account_id,
+            kind=kind,
+            detail=detail[:2000],
+            created_at=now,
+        )
+    )
+    db.flush()
+
+
+def list_flags(db: Session, *, lot_id: str | None = None) -> list[ReconcileFlag]:
+    query = select(ReconcileFlag)
+    if lot_id is not None:
+        query = query.where(ReconcileFlag.lot_id == lot_id)
+    return list(db.exec(query.order_by(col(ReconcileFlag.flag_id))).all())
+
+
+def lost_ticket_exit_after(
+    db: Session, account_id: str, lot_id: str, at: datetime
+) -> ParkingSession | None:
+    """The first lost-ticket exit at or after ``at`` that no late entry has claimed yet."""
+    claimed = select(PendingScan.session_id).where(col(PendingScan.session_id).is_not(None))
+    found: ParkingSession | None = db.exec(
+        select(ParkingSession)
+        .where(
+            ParkingSession.account_id == account_id,
+            ParkingSession.lot_id == lot_id,
+            ParkingSession.state == SessionState.CLOSED,
+            col(ParkingSession.lost_ticket).is_(True),
+            col(ParkingSession.exited_at) >= at,
+            col(ParkingSession.session_id).not_in(claimed),
+        )
+        .order_by(col(ParkingSession.exited_at))
+    ).first()
+    return found

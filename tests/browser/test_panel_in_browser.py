@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -241,5 +242,73 @@ def test_admin_previews_a_price_then_creates_a_tariff_version(
     expect(row).to_contain_text("scheduled")
     expect(row).to_contain_text("Winter rates")
     shot = tmp_path / "tariffs.png"
+    page.screenshot(path=str(shot), full_page=True)
+    keep(shot)
+
+
+def closed_stay(live: LiveService, account_id: str) -> str:
+    """Drive in and out at the demo lot; returns the closed session's id."""
+    scan(live, "in1", Direction.ENTRY, live.central.issue_code(account_id).code)
+    scan(live, "out1", Direction.EXIT, live.central.issue_code(account_id).code)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = live.central.list_sessions(account_id=account_id, lot_id="demo")
+        if found and found[0].state == "closed":
+            return found[0].session_id
+        time.sleep(0.05)
+    raise AssertionError(f"{account_id}'s stay did not close")
+
+
+def test_operator_sees_revenue_and_refunds_a_stay_from_the_money_page(
+    live: LiveService, chromium: Any, tmp_path: Path
+) -> None:
+    session_id = closed_stay(live, "alice")  # grace 0, ¥5.00 an hour started
+    page = chromium.new_page(viewport=LAPTOP)
+    sign_in(page, live)
+    page.click("nav >> text=Money")
+
+    expect(page.locator("#chart-days-CNY svg rect.bar")).to_have_count(1)
+    expect(page.locator("#chart-lots-CNY")).to_contain_text("Demo Plaza")
+    expect(page.locator("#net-CNY")).to_have_text("¥5.00")
+    expect(page.locator('#lot-totals-CNY tr[data-lot="demo"]')).to_contain_text("¥5.00")
+    shot = tmp_path / "money-laptop.png"
+    page.screenshot(path=str(shot), full_page=True)
+    keep(shot)
+
+    row = page.locator("#payments tbody tr", has_text=session_id[:10])
+    row.locator("summary", has_text="Refund").click()
+    row.locator("input[name=amount]").fill("2.00")
+    row.locator("input[name=reason]").fill("Ticket machine charged twice")
+    row.locator("button[type=submit]").click()
+
+    expect(page.locator(".notice.ok")).to_contain_text("¥2.00 refunded")
+    refund = page.locator("#refunds tbody tr").first
+    expect(refund).to_contain_text("Ticket machine charged twice")
+    expect(refund).to_contain_text("user:admin")
+    expect(refund).to_contain_text("¥2.00")
+    expect(page.locator("#net-CNY")).to_have_text("¥3.00")
+    expect(page.locator("#refunded-CNY")).to_have_text("¥2.00")
+
+    page.set_viewport_size(TABLET)
+    page.reload()
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, "the money page scrolls sideways on a tablet"
+    button = page.locator("#payments summary", has_text="Refund").bounding_box()
+    assert button is not None and button["x"] + button["width"] <= TABLET["width"], (
+        "the refund button is cut off on a tablet"
+    )
+    shot = tmp_path / "money-tablet.png"
+    page.screenshot(path=str(shot), full_page=True)
+    keep(shot)
+
+    page.click("nav >> text=Audit log")
+    logged = page.locator("table.audit tbody tr", has_text="payment.refund").first
+    expect(logged).to_contain_text("user:admin")
+    expect(logged).to_contain_text("Ticket machine charged twice")
+    expect(logged).to_contain_text(session_id)
+    page.goto(f"{live.url}/panel/sessions/{session_id}")
+    expect(page.locator("#payment-method")).to_have_text("wallet")
+    expect(page.locator("#receipt-link")).to_have_attribute("href", f"/receipts/{session_id}")
+    shot = tmp_path / "session-receipt.png"
     page.screenshot(path=str(shot), full_page=True)
     keep(shot)

@@ -135,3 +135,13 @@ def test_any_single_character_change_is_refused(position: int, char: str) -> Non
     mutated = code[:position] + char + code[position + 1 :]
     with pytest.raises(CodeRejected):
         verify_code(mutated, KEYS, now=NOW)
+
+
+def test_non_canonical_signature_encoding_is_refused() -> None:
+    """The last base64 character of a 64-byte signature carries 4 unused bits."""
+    code = issue_code(KEY, kid="k1", account_id="alice", now=NOW, nonce=b"\x00" * 12)
+    body, sig = code.rsplit(".", 1)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    index = alphabet.index(sig[-1])
+    sibling = alphabet[index ^ 1]  # differs only in an unused bit
+    assert rejection(f"{body}.{sig[:-1]}{sibling}") == CodeRejection.MALFORMED

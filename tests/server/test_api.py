@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from api_support import API_TOKEN, AUTH
 from fastapi import FastAPI
 
 from parking_protocol.clock import FakeClock
@@ -45,7 +46,11 @@ LOT = {
 
 @pytest.fixture
 def app(sqlite_url: str, tmp_path: Path, clock: FakeClock, broker: InMemoryBroker) -> FastAPI:
-    settings = ServerSettings(database_url=sqlite_url, key_file=tmp_path / "keys" / "signing.pem")
+    settings = ServerSettings(
+        database_url=sqlite_url,
+        key_file=tmp_path / "keys" / "signing.pem",
+        bootstrap_api_token=API_TOKEN,
+    )
     return create_app(settings, clock=clock, transport=broker.client("central"))
 
 
@@ -53,7 +58,9 @@ def app(sqlite_url: str, tmp_path: Path, clock: FakeClock, broker: InMemoryBroke
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers=AUTH
+        ) as http:
             yield http
 
 
@@ -256,30 +263,14 @@ async def test_code_svg_is_a_fresh_uncached_qr_image(client: httpx.AsyncClient) 
     assert (await client.post("/api/v1/accounts/ghost/codes")).status_code == 404
 
 
-async def test_driver_page_shows_code_balance_and_countdown_without_cdn(
+async def test_the_old_kiosk_driver_page_sends_the_driver_to_sign_in(
     client: httpx.AsyncClient,
 ) -> None:
-    await seed(client)
-
+    # It read the API anonymously; the API requires authentication now.
     response = await client.get("/driver/alice")
 
-    assert response.status_code == 200
-    html = response.text
-    assert "Alice" in html
-    assert "code.svg" in html
-    assert 'id="countdown"' in html
-    assert 'id="balance-value"' in html
-    assert "https://" not in html and "http://" not in html
-    assert (await client.get("/driver/ghost")).status_code == 404
-
-
-async def test_driver_page_escapes_the_account_name(client: httpx.AsyncClient) -> None:
-    await client.post("/api/v1/accounts", json={"account_id": "eve", "name": "<script>x</script>"})
-
-    html = (await client.get("/driver/eve")).text
-
-    assert "<script>x</script>" not in html
-    assert "&lt;script&gt;" in html
+    assert response.status_code == 303
+    assert response.headers["location"] == "/driver/login?account=alice"
 
 
 async def test_sessions_api_shows_a_paid_stay(
@@ -338,12 +329,17 @@ async def test_sessions_api_shows_a_paid_stay(
 
 async def test_api_only_mode_runs_without_mqtt(sqlite_url: str, tmp_path: Path) -> None:
     settings = ServerSettings(
-        database_url=sqlite_url, key_file=tmp_path / "k.pem", mqtt_enabled=False
+        database_url=sqlite_url,
+        key_file=tmp_path / "k.pem",
+        mqtt_enabled=False,
+        bootstrap_api_token=API_TOKEN,
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         assert central_of(app).transport is None
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers=AUTH
+        ) as http:
             assert (await http.get("/ready")).json()["mqtt"] == "disabled"
             assert (await http.post("/api/v1/lots", json=LOT)).status_code == 201

@@ -85,3 +85,25 @@ async def test_decisions_rejections_and_occupancy_are_counted(
     assert found[("qrpark_lot_occupancy", (("lot", "p1"),))] == 1
     assert found[("qrpark_dead_letters", ())] == 0
     assert found[("qrpark_scan_to_decision_seconds_count", ())] >= 1
+
+
+async def test_metrics_endpoint_needs_a_viewer_token(tmp_path: Path) -> None:
+    import httpx
+
+    from server.main import create_app
+
+    token = "qrp_" + "m" * 40
+    settings = ServerSettings(
+        database_url=f"sqlite:///{tmp_path}/api.db",
+        key_file=tmp_path / "k.pem",
+        mqtt_enabled=False,
+        bootstrap_api_token=token,
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/metrics")).status_code == 401
+            response = await client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+            assert response.status_code == 200
+            assert "qrpark_dead_letters" in response.text

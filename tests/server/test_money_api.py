@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from api_support import API_TOKEN, AUTH
 from fastapi import FastAPI
 from money_support import Desk, audit_ledger
 
@@ -26,7 +27,10 @@ LOT = {"lot_id": "lot1", "name": "Main", "capacity": 10, "tariff": SHORTHAND}
 @pytest.fixture
 def app(sqlite_url: str, tmp_path: Path, clock: FakeClock) -> FastAPI:
     settings = ServerSettings(
-        database_url=sqlite_url, key_file=tmp_path / "keys" / "k.pem", mqtt_enabled=False
+        database_url=sqlite_url,
+        key_file=tmp_path / "keys" / "k.pem",
+        mqtt_enabled=False,
+        bootstrap_api_token=API_TOKEN,
     )
     return create_app(settings, clock=clock)
 
@@ -35,7 +39,9 @@ def app(sqlite_url: str, tmp_path: Path, clock: FakeClock) -> FastAPI:
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers=AUTH
+        ) as http:
             yield http
 
 

@@ -1,0 +1,270 @@
+"""How much simulation one process carries.
+
+(a) The fleet simulator (``sim_devices.fleet``, what ``qrpark sim`` runs): N simulated gates
+    of the real gateway firmware, each with a rendering camera at ``--fps``, in ONE process,
+    against a private Mosquitto and the central service (``sim_devices.cli.LocalBackend``).
+    Each N runs in a fresh child process; it "keeps up" when the cameras deliver >= 90 % of
+    the frames asked for, every gateway is online and no event is left unanswered. Reports
+    the largest N that keeps up, with its frames/s, CPU (of one core) and RSS.
+(b) The deterministic simulation (``qrpark simtest``): virtual seconds per real second over
+    a few seeds of ``Runner(SimConfig()).run_seed``.
+
+    python bench/bench_sim.py [--full] [--gates 100 300 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import Figure, print_table
+
+GATES_PER_LOT = 4
+KEEP_UP = 0.9
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _fleet_child(gates: int, seconds: float, fps: float, data_dir: Path) -> dict[str, Any]:
+    """Run in the child: start a fleet of ``gates`` gates, drive it, measure this process."""
+    import logging
+
+    from parking_protocol.clock import SystemClock
+    from sim_devices.cli import LocalBackend
+    from sim_devices.fleet import Fleet, FleetConfig
+
+    logging.basicConfig(level=logging.ERROR)
+    begun = time.monotonic()
+
+    def progress(what: str) -> None:
+        print(f"[{time.monotonic() - begun:6.1f} s] {what}", file=sys.stderr, flush=True)
+
+    backend = LocalBackend(data_dir)
+    try:
+        deadline = time.monotonic() + 60
+        while not await asyncio.to_thread(backend.healthy):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the service did not become healthy")
+            await asyncio.sleep(0.2)
+        lots = max(1, gates // GATES_PER_LOT)
+        config = FleetConfig(
+            lots=lots,
+            gates=GATES_PER_LOT,
+            drivers=2,
+            rate=3.0,  # arrivals per minute per lot: a busy lane's ~400 vehicles/h at 1,000
+            dwell_s=(2.0, 6.0),
+            short_of_money=0.0,
+            fps=fps,
+            data_dir=data_dir / "fleet",
+            prefix="b",
+        )
+        progress("service healthy")
+        fleet = Fleet(config, backend, SystemClock())
+        setup_started = time.monotonic()
+        await fleet.start()  # provisions over REST, then starts the gateways one by one
+        setup_s = time.monotonic() - setup_started
+        progress(f"{len(fleet.lanes)} gateways started")
+        frames0 = fleet.gateway_totals().get("frames", 0)
+        cpu0, wall0 = _cpu_s(), time.monotonic()
+        await fleet.run(seconds)
+        progress("traffic done")
+        wall = time.monotonic() - wall0
+        cpu = _cpu_s() - cpu0
+        totals = fleet.gateway_totals()
+        settled = await fleet.settle(15.0)
+        summary = fleet.summary()
+        rss = _rss_mb()
+        await fleet.stop()
+    finally:
+        backend.close()
+    frames = totals.get("frames", 0) - frames0
+    return {
+        "gates": len(fleet.lanes),
+        "setup_s": setup_s,
+        "frames_per_s": frames / wall,
+        "frames_asked_per_s": len(fleet.lanes) * fps,
+        "cpu_share": cpu / wall,
+        "rss_mb": rss,
+        "online": totals.get("online", 0),
+        "settled": settled,
+        "outbox_remaining": summary["outbox_remaining"],
+        "entries": summary["entries"],
+        "exits": summary["exits"],
+        "latency_p99_ms": summary["latency_p99_ms"],
+    }
+
+
+def fleet_run(
+    gates: int, seconds: float, fps: float, timeout_s: float = 300.0
+) -> dict[str, Any] | None:
+    """One fleet size in a fresh child process; None when it failed to start or finish."""
+    work = Path(tempfile.mkdtemp(prefix="qrpark-bench-sim-"))
+    # Its own process group: on a timeout the child's broker and service go with it.
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            str(gates),
+            "--seconds",
+            str(seconds),
+            "--fps",
+            str(fps),
+            "--data-dir",
+            str(work),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = child.communicate(timeout=seconds + timeout_s)
+    except subprocess.TimeoutExpired:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, sig)
+            time.sleep(2)
+        out, err = child.communicate()
+        print(f"    fleet of {gates}: timed out; last progress:\n{err[-1500:]}", flush=True)
+        return None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    lines = out.strip().splitlines()
+    if child.returncode != 0 or not lines:
+        print(f"    fleet of {gates} failed:\n{err[-2000:]}", flush=True)
+        return None
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def keeps_up(result: dict[str, Any]) -> bool:
+    return bool(
+        result["frames_per_s"] >= KEEP_UP * result["frames_asked_per_s"]
+        and result["online"] == result["gates"]
+        and result["outbox_remaining"] == 0
+    )
+
+
+def simtest_speed(seeds: list[int]) -> tuple[float, float, float]:
+    """Virtual and real seconds over ``seeds``, and the worst seed's speed-up."""
+    from qrpark.simtest import Runner, SimConfig, quiet_logs
+
+    quiet_logs()
+    runner = Runner(SimConfig())
+    virtual = real = 0.0
+    worst = float("inf")
+    try:
+        for seed in seeds:
+            result = runner.run_seed(seed)
+            virtual += result.virtual_s
+            real += result.real_s
+            worst = min(worst, result.virtual_s / result.real_s)
+            print(
+                f"    simtest seed {seed}: {'ok' if result.ok else 'FAILED'}, "
+                f"{result.virtual_s / 3600:.2f} h in {result.real_s:.2f} s "
+                f"({result.virtual_s / result.real_s:.0f}x)",
+                flush=True,
+            )
+    finally:
+        runner.close()
+    return virtual, real, worst
+
+
+def run(quick: bool = True, *, gates: list[int] | None = None, fps: float = 10.0) -> list[Figure]:
+    """(a) the largest fleet one process keeps up with; (b) simtest's speed-up."""
+    sizes = gates or ([100, 300, 1000] if quick else [100, 250, 500, 750, 1000])
+    seconds = 10.0 if quick else 30.0
+    best: dict[str, Any] | None = None
+    for size in sizes:
+        result = fleet_run(size, seconds, fps)
+        if result is None:
+            break
+        ok = keeps_up(result)
+        print(
+            f"sim: fleet {result['gates']:>5} gates @ {fps:g} fps: "
+            f"{result['frames_per_s']:>7.0f}/{result['frames_asked_per_s']:.0f} frames/s, "
+            f"CPU {result['cpu_share']:.0%} of a core, RSS {result['rss_mb']:.0f} MB, "
+            f"online {result['online']}, in/out {result['entries']}/{result['exits']}, "
+            f"outbox left {result['outbox_remaining']}, setup {result['setup_s']:.0f} s"
+            f" -> {'keeps up' if ok else 'FALLS BEHIND'}",
+            flush=True,
+        )
+        if not ok:
+            break
+        best = result
+    figures = [
+        Figure(
+            "sim: fleet: gates one process keeps up with",
+            float(best["gates"]) if best else 0.0,
+            "gates",
+            1000.0,
+            higher_is_better=True,
+        )
+    ]
+    if best is not None:
+        figures += [
+            Figure(f"sim: fleet of {best['gates']}: camera frames/s", best["frames_per_s"], "/s"),
+            Figure(
+                f"sim: fleet of {best['gates']}: CPU (of one core)", best["cpu_share"] * 100, "%"
+            ),
+            Figure(f"sim: fleet of {best['gates']}: RSS", best["rss_mb"], "MB"),
+        ]
+    virtual, real, worst = simtest_speed([1, 2] if quick else [1, 2, 3, 4, 5])
+    figures += [
+        Figure(
+            "sim: simtest speed (virtual s / real s)",
+            virtual / real if real else 0.0,
+            "x",
+            100.0,
+            higher_is_better=True,
+        ),
+        Figure("sim: simtest slowest seed", worst, "x", 100.0, higher_is_better=True),
+    ]
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--gates", type=int, nargs="*", default=None, help="fleet sizes to try")
+    parser.add_argument("--fps", type=float, default=10.0)
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=10.0, help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        os.environ.setdefault("PYTHONHASHSEED", "0")
+        result = asyncio.run(_fleet_child(args.child, args.seconds, args.fps, args.data_dir))
+        print(json.dumps(result))
+        return 0
+    print_table(run(not args.full, gates=args.gates, fps=args.fps), "simulation")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
