@@ -95,27 +95,34 @@ async def _fleet_child(gates: int, seconds: float, fps: float, data_dir: Path) -
         wall = time.monotonic() - wall0
         cpu = _cpu_s() - cpu0
         totals = fleet.gateway_totals()
+        rss = _rss_mb()
         settled = await fleet.settle(15.0)
         summary = fleet.summary()
-        rss = _rss_mb()
-        await fleet.stop()
+        progress(f"settled: {settled}")
+        result = {
+            "gates": len(fleet.lanes),
+            "setup_s": setup_s,
+            "frames_per_s": (totals.get("frames", 0) - frames0) / wall,
+            "frames_asked_per_s": len(fleet.lanes) * fps,
+            "cpu_share": cpu / wall,
+            "rss_mb": rss,
+            "online": totals.get("online", 0),
+            "settled": settled,
+            "outbox_remaining": summary["outbox_remaining"],
+            "entries": summary["entries"],
+            "exits": summary["exits"],
+            "latency_p99_ms": summary["latency_p99_ms"],
+        }
+        # Printed before the teardown: stopping 1,000 gateways is slow, and not measured.
+        print(json.dumps(result), flush=True)
+        try:
+            await asyncio.wait_for(fleet.stop(), 60)
+        except TimeoutError:
+            progress("fleet stop timed out")
+        progress("fleet stopped")
     finally:
         backend.close()
-    frames = totals.get("frames", 0) - frames0
-    return {
-        "gates": len(fleet.lanes),
-        "setup_s": setup_s,
-        "frames_per_s": frames / wall,
-        "frames_asked_per_s": len(fleet.lanes) * fps,
-        "cpu_share": cpu / wall,
-        "rss_mb": rss,
-        "online": totals.get("online", 0),
-        "settled": settled,
-        "outbox_remaining": summary["outbox_remaining"],
-        "entries": summary["entries"],
-        "exits": summary["exits"],
-        "latency_p99_ms": summary["latency_p99_ms"],
-    }
+    return result
 
 
 def fleet_run(
@@ -151,11 +158,13 @@ def fleet_run(
             time.sleep(2)
         out, err = child.communicate()
         print(f"    fleet of {gates}: timed out; last progress:\n{err[-1500:]}", flush=True)
-        return None
+        if '"gates"' not in out:
+            return None
+        # Measured, then stuck in the teardown: the figures stand.
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    lines = out.strip().splitlines()
-    if child.returncode != 0 or not lines:
+    lines = [line for line in out.strip().splitlines() if line.startswith("{")]
+    if not lines:
         print(f"    fleet of {gates} failed:\n{err[-2000:]}", flush=True)
         return None
     result: dict[str, Any] = json.loads(lines[-1])
@@ -197,7 +206,7 @@ def simtest_speed(seeds: list[int]) -> tuple[float, float, float]:
 
 def run(quick: bool = True, *, gates: list[int] | None = None, fps: float = 10.0) -> list[Figure]:
     """(a) the largest fleet one process keeps up with; (b) simtest's speed-up."""
-    sizes = gates or ([100, 300, 1000] if quick else [100, 250, 500, 750, 1000])
+    sizes = gates or ([100, 300, 600, 1000] if quick else [100, 250, 500, 750, 1000])
     seconds = 10.0 if quick else 30.0
     best: dict[str, Any] | None = None
     for size in sizes:
@@ -259,8 +268,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.child is not None:
         os.environ.setdefault("PYTHONHASHSEED", "0")
-        result = asyncio.run(_fleet_child(args.child, args.seconds, args.fps, args.data_dir))
-        print(json.dumps(result))
+        asyncio.run(_fleet_child(args.child, args.seconds, args.fps, args.data_dir))
         return 0
     print_table(run(not args.full, gates=args.gates, fps=args.fps), "simulation")
     return 0

@@ -11,7 +11,7 @@ session delivers what Mosquitto queued for it meanwhile.
 
 Checked: both processes took a fair share; every event answered, and never with two
 different commands; one session per entry, one payment per exit, every ledger transaction
-balanced, every wallet = top-up - charges; no dead letters; per gate, events decided in
+balanced, every wallet = top-up - charges; per gate, events decided in
 ``seq`` order. A duplicate handed to both processes at the same moment exposes a server
 race (strict xfail below).
 
