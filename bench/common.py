@@ -20,10 +20,12 @@ class Figure:
     @property
     def ratio(self) -> float | None:
         """How many times over the target is met (>= 1 means met)."""
-        if self.target is None or self.measured == 0:
+        if self.target is None:
             return None
         if self.higher_is_better:
             return self.measured / self.target
+        if self.measured == 0:
+            return float("inf")
         return self.target / self.measured
 
     def cells(self) -> list[str]:
