@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -23,7 +24,7 @@ from sqlmodel import Field, Session, SQLModel, col
 from server.db import UTCDateTime
 from server.errors import ConflictError
 
-__all__ = ["STALE_AFTER", "InFlightKey", "in_flight"]
+__all__ = ["KEY_RESPONSES", "STALE_AFTER", "InFlightKey", "in_flight"]
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +99,10 @@ def in_flight(
     finally:
         request_db.rollback()
         _release(engine, scope, key, owner)
+
+
+# OpenAPI: the answers every endpoint taking an Idempotency-Key can give besides success.
+KEY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    409: {"description": "A request with this key is still in flight: retry later"},
+    422: {"description": "Invalid body, or the key was used with another body"},
+}

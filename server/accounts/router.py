@@ -18,7 +18,7 @@ from server.accounts.models import AccountCreate, AccountRead, CodeRead, TopupCr
 from server.audit import service as audit
 from server.auth.api import AccountReader, ApiOperator, CodeIssuer
 from server.deps import CentralDep, NowDep, SessionDep
-from server.idempotency import in_flight
+from server.idempotency import KEY_RESPONSES, in_flight
 from server.panel import actions
 from server.panel.deps import PanelDep
 
@@ -68,10 +68,7 @@ def get_account(account_id: str, caller: AccountReader, db: SessionDep) -> Accou
     "/{account_id}/topups",
     status_code=status.HTTP_201_CREATED,
     response_model=TopupRead,
-    responses={
-        409: {"description": "A request with this key is still in flight: retry later"},
-        422: {"description": "Invalid body, or the key was used with another body"},
-    },
+    responses=KEY_RESPONSES,
 )
 def create_topup(
     account_id: str,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Header, status
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -15,7 +15,7 @@ from server.accounts import service as accounts
 from server.auth.api import ApiOperator, ApiViewer
 from server.deps import CentralDep, NowDep, SessionDep
 from server.errors import ConflictError
-from server.idempotency import in_flight
+from server.idempotency import KEY_RESPONSES, in_flight
 from server.lots import service as lots
 from server.payments import receipts, service
 from server.payments.models import (
@@ -49,10 +49,6 @@ IdempotencyKey = Annotated[
     ),
 ]
 Model = TypeVar("Model", bound=BaseModel)
-_KEY_REUSED: dict[int | str, dict[str, Any]] = {
-    409: {"description": "A request with this key is still in flight: retry later"},
-    422: {"description": "Invalid body, or the key was used with another body"},
-}
 
 
 def _once(
@@ -129,7 +125,7 @@ def list_permits(account_id: str, viewer: ApiViewer, db: SessionDep) -> list[Per
     "/api/v1/sessions/{session_id}/validations",
     status_code=status.HTTP_201_CREATED,
     response_model=ValidationRead,
-    responses=_KEY_REUSED,
+    responses=KEY_RESPONSES,
 )
 def add_validation(
     session_id: str,
@@ -186,7 +182,7 @@ def quote_open_session(
     status_code=status.HTTP_201_CREATED,
     response_model=SessionPayRead,
     responses={
-        **_KEY_REUSED,
+        **KEY_RESPONSES,
         402: {"description": "Declined: top up or change the card"},
         503: {"description": "The provider did not confirm: retry with the same key"},
     },
@@ -227,7 +223,7 @@ def pay_session(
     status_code=status.HTTP_201_CREATED,
     response_model=list[RefundRead],
     responses={
-        **_KEY_REUSED,
+        **KEY_RESPONSES,
         409: {"description": "Nothing left to refund"},
         503: {"description": "The provider did not confirm: retry with the same key"},
     },

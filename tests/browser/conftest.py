@@ -9,7 +9,6 @@ tests skip, or fail when ``QRPARK_REQUIRE_SERVICES=1``.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import threading
 import time
@@ -19,6 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 from browser_support import ADMIN_PASSWORD, DRIVER_PIN, VIEWER_PASSWORD, LiveService
+from service_guard import missing_service
 
 from parking_protocol.transport import InMemoryBroker
 from parking_protocol.types import Direction
@@ -44,11 +44,6 @@ CHROMIUM_ARGS = [
 ]
 T = TypeVar("T")
 
-
-def _missing(reason: str) -> None:
-    if os.environ.get("QRPARK_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"required service unavailable: {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 def _free_port() -> int:
@@ -112,11 +107,11 @@ def live(tmp_path: Path) -> Iterator[LiveService]:
 def chromium() -> Iterator[Any]:
     """A headless Chromium from the OS (never downloaded)."""
     if not CHROMIUM.exists():
-        _missing("Chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
+        missing_service("Chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _missing("the playwright package is not installed (pip install playwright)")
+        missing_service("the playwright package is not installed (pip install playwright)")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True

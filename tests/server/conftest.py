@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
+from service_guard import missing_service
 
 from parking_protocol.clock import FakeClock
 from parking_protocol.messages import (
@@ -47,11 +48,6 @@ START = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 TARIFF = TariffSchema(grace_minutes=15, hourly_minor=500, daily_cap_minor=6000, currency="CNY")
 
 
-def _service_missing(reason: str) -> None:
-    if os.environ.get("QRPARK_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"required service unavailable: {reason}", pytrace=False)
-    pytest.skip(reason)
-
 
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
@@ -63,7 +59,7 @@ def pg_database() -> Iterator[str]:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     except sa.exc.OperationalError as exc:
         admin.dispose()
-        _service_missing(f"PostgreSQL unreachable at {PG_ADMIN_URL}: {exc.orig}")
+        missing_service(f"PostgreSQL unreachable at {PG_ADMIN_URL}: {exc.orig}")
     try:
         yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     finally:

@@ -10,8 +10,8 @@ import hashlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from service_guard import missing_service
 
 from gateway_firmware.hardware.decoders import (
     DecoderUnavailable,
@@ -52,5 +52,5 @@ def build_decoder(backend: str) -> Decoder:
         return DECODER_CLASSES[backend]()
     except DecoderUnavailable as exc:
         if backend == "pyzbar":
-            pytest.skip(f"libzbar is not installed (apt-get install libzbar0): {exc}")
+            missing_service(f"libzbar is not installed (apt-get install libzbar0): {exc}")
         raise
