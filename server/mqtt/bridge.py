@@ -7,6 +7,13 @@
   replies to the publisher. A failing message is rolled back alone, kept in
   ``dead_letters`` and (for a scan) answered with an INTERNAL_ERROR deny.
 * A single writer and a single publisher keep each gate's order.
+* Several service processes may share one PostgreSQL database (MQTT shared subscriptions),
+  and QoS 1 redelivery can hand the same event to two of them at once. The loser of that
+  race hits a unique index (``processed_events``, a spent nonce, a payment key) once the
+  winner commits: its SAVEPOINT is rolled back and the event handled again, which now finds
+  the winner's stored answer and sends that, never a contradicting one. A deadlock between
+  two such batches leaves the victim's event unanswered (no effect, no dead letter): the
+  gateway publishes it again and gets the stored answer.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session
 
 from parking_protocol.clock import Clock
@@ -69,6 +77,8 @@ class BridgeStats:
     statuses: int = 0
     replies: int = 0
     dead_letters: int = 0
+    conflicts: int = 0
+    """Events that lost a race with another process and were handled again (or left)."""
     batches: int = 0
     largest_batch: int = 0
     failed_batches: int = 0
@@ -82,6 +92,15 @@ class Inbound:
     topic: str
     payload: bytes
     message: ScanEvent | GatewayStatus | CommandReply
+
+
+_CONFLICT_RETRIES = 2
+_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
+
+
+def _sqlstate(exc: OperationalError) -> str | None:
+    state = getattr(exc.orig, "sqlstate", None)
+    return state if isinstance(state, str) else None
 
 
 BatchListener = Callable[[Sequence[Inbound], Sequence[Reply]], None]
@@ -214,17 +233,36 @@ class Bridge:
         replies: list[Reply] = []
         with Session(self.engine, expire_on_commit=False) as db, db.begin():
             for item in batch:
-                now = self.clock.now()
-                try:
-                    with db.begin_nested():
-                        reply = self._handle(db, item, now)
-                except Exception as exc:
-                    reply = self._dead_letter(db, item, exc, now)
+                reply = self._process_one(db, item)
                 if reply is not None:
                     replies.append(reply)
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         return replies
+
+    def _process_one(self, db: Session, item: Inbound) -> Reply | None:
+        """Handle one message in its own SAVEPOINT; a lost race is handled once more."""
+        races = 0
+        while True:
+            now = self.clock.now()
+            try:
+                with db.begin_nested():
+                    return self._handle(db, item, now)
+            except IntegrityError as exc:
+                # Another process committed the same event (or spent the same code) first.
+                if races == _CONFLICT_RETRIES:
+                    return self._dead_letter(db, item, exc, now)
+                races += 1
+                self.stats.conflicts += 1
+                log.info("%s lost a race with another writer; handled again", item.topic)
+            except OperationalError as exc:
+                if _sqlstate(exc) not in _TRANSIENT_SQLSTATES:
+                    return self._dead_letter(db, item, exc, now)
+                self.stats.conflicts += 1
+                log.warning("%s left unanswered after %s; the gateway retries", item.topic, exc)
+                return None
+            except Exception as exc:
+                return self._dead_letter(db, item, exc, now)
 
     def _handle(self, db: Session, item: Inbound, now: datetime) -> Reply | None:
         message = item.message

@@ -11,9 +11,9 @@ session delivers what Mosquitto queued for it meanwhile.
 
 Checked: both processes took a fair share; every event answered, and never with two
 different commands; one session per entry, one payment per exit, every ledger transaction
-balanced, every wallet = top-up - charges; per gate, events decided in
-``seq`` order. A duplicate handed to both processes at the same moment exposes a server
-race (strict xfail below).
+balanced, every wallet = top-up - charges, no dead letter; per gate, events decided in
+``seq`` order. A duplicate handed to both processes at the same moment gets one answer:
+the loser of that race sends the winner's stored reply.
 
 Which process handled an event is read from the outside: each process is started with the
 MQTT client library's packet log switched on (logger ``mqtt`` at DEBUG), and every
@@ -471,9 +471,9 @@ def check_exactly_once(city: City, books: Books, cycles: int) -> None:
         account = f"{city.lot}-d{i}"
         assert books.charged[account] == cycles * HOURLY
         assert books.wallets[account] == START_BALANCE - cycles * HOURLY
-    # A redelivery that reaches both processes at the same moment can still leave the loser
-    # a dead letter (recorded, never lost, no money or session effect): that race is pinned by
-    # the strict xfail test below and is not asserted here, so this test is not flaky.
+    # A redelivery that reaches both processes at the same moment is answered by the loser
+    # with the winner's stored reply: never a dead letter.
+    assert books.dead_letters == 0
     assert books.order_violations == []
 
 
@@ -528,14 +528,6 @@ async def test_two_processes_share_the_events_exactly_once_and_survive_a_kill(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="server bug: the same event decided concurrently by two processes; the loser hits"
-    " a unique index, is dead-lettered and answered INTERNAL_ERROR deny, contradicting the"
-    " winner's OPEN (fix: claim processed_events first, or on IntegrityError re-read the"
-    " stored reply and send it)",
-)
 async def test_a_duplicate_delivered_to_both_processes_at_once_gets_one_answer(
     city: City,
 ) -> None:
