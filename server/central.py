@@ -34,6 +34,7 @@ from server.keys import KeyRing, load_or_create_keys
 from server.lots import service as lots
 from server.lots.models import LotCreate, LotRead
 from server.mqtt.bridge import BatchListener, Bridge, BridgeStats, Inbound, ScanHandler
+from server.readcache import ReadCache, TokenCache
 from server.sessions import service as sessions
 from server.sessions.flows import FlowConfig, Reply, handle_scan
 from server.sessions.models import SessionRead
@@ -63,6 +64,10 @@ class Central:
     ) -> None:
         self.settings = settings
         self.engine = engine
+        self.read_engine = database.read_only(engine)
+        """For transactions that only read (SQLite: deferred, no write lock)."""
+        self.reads = ReadCache(settings.api_read_cache_s)
+        self.tokens = TokenCache(settings.api_token_cache_s)
         self.keys = keys
         self.clock = clock
         self.transport = transport
@@ -88,6 +93,8 @@ class Central:
         self.started = False
 
     def _notify(self, batch: Sequence[Inbound], replies: Sequence[Reply]) -> None:
+        for lot_id in {item.ref.lot_id for item in batch}:
+            self.reads.invalidate(lot_id)
         for listener in self.batch_listeners:
             listener(batch, replies)
 
@@ -123,9 +130,15 @@ class Central:
     # -- service helpers ------------------------------------------------------------------------
     @contextmanager
     def db(self) -> Iterator[Session]:
-        """A session in a transaction committed on success."""
+        """A session in a transaction committed on success (then cached reads are dropped)."""
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             yield session
+        self.forget_cached_reads()
+
+    def forget_cached_reads(self) -> None:
+        """After a write of this process: polled reads and token lookups are loaded anew."""
+        self.reads.clear()
+        self.tokens.clear()
 
     def create_lot(self, data: LotCreate) -> LotRead:
         with self.db() as session:

@@ -53,6 +53,10 @@ class ServerSettings(BaseSettings):
     bootstrap_api_token: SecretStr | None = None  # registered as an admin token at start
     code_rate_per_minute: Annotated[int, Field(ge=1, le=6000)] = 30
     code_burst: Annotated[int, Field(ge=1, le=1000)] = 10
+    # How stale a polled read (lot occupancy, gate status) or a token lookup may be when
+    # ANOTHER service process made the change (this process's own changes show at once).
+    api_read_cache_s: Annotated[float, Field(ge=0, le=60)] = 1.0
+    api_token_cache_s: Annotated[float, Field(ge=0, le=300)] = 5.0
 
     @field_validator("database_url")
     @classmethod

@@ -2,7 +2,9 @@
 
 SQLite gets WAL, ``synchronous=NORMAL``, a busy timeout and real SAVEPOINT support (the
 driver's own transaction handling is switched off and SQLAlchemy emits ``BEGIN IMMEDIATE``,
-so a read-then-write transaction never fails on a lock upgrade). PostgreSQL is used as is.
+so a read-then-write transaction never fails on a lock upgrade). Pure reads go through
+:func:`read_only` engines, whose transactions begin deferred: WAL readers then block neither
+the writer nor each other. PostgreSQL is used as is.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Dialect, Engine
 
-__all__ = ["UTCDateTime", "make_engine", "upgrade"]
+__all__ = ["UTCDateTime", "make_engine", "read_only", "upgrade"]
+
+_READ_ONLY = "qrpark_read_only"
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -69,9 +73,21 @@ def make_engine(database_url: str, **kwargs: Any) -> Engine:
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(connection: sa.Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        if connection.get_execution_options().get(_READ_ONLY):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def read_only(engine: Engine) -> Engine:
+    """The same engine (and pool) for transactions that only read.
+
+    On SQLite they begin deferred instead of taking the write lock; a write through it
+    could fail with SQLITE_BUSY under contention, so use it for reads only.
+    """
+    return engine.execution_options(**{_READ_ONLY: True})
 
 
 def alembic_config(connection: sa.Connection | None = None) -> Config:

@@ -30,6 +30,7 @@ from server.metrics import install_metrics
 from server.panel.app import install_panel, start_panel
 from server.payments import router as payments_router
 from server.pricing import router as pricing_router
+from server.readcache import ForgetOnWrite
 from server.sessions import router as sessions_router
 
 __all__ = ["create_app"]
@@ -99,6 +100,13 @@ def create_app(
     ):
         app.include_router(module.router)
     install_panel(app)
+
+    def forget_cached_reads() -> None:
+        central: Central | None = getattr(app.state, "central", None)
+        if central is not None:
+            central.forget_cached_reads()
+
+    app.add_middleware(ForgetOnWrite, forget=forget_cached_reads)
     return app
 
 

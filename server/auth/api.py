@@ -26,16 +26,20 @@ from datetime import datetime, timedelta
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlmodel import Session
 
 from server.auth import tokens
 from server.auth.models import Role
 from server.auth.throttle import LoginThrottle, TokenBucket
 from server.auth.web import Driver, Operator, check_csrf, client_address, current_driver
 from server.auth.web import current_operator as panel_operator
+from server.central import Central
 from server.config import ServerSettings
-from server.deps import NowDep, SessionDep
+from server.deps import CentralDep, NowDep
 from server.errors import ForbiddenError, RateLimitedError, UnauthorizedError
+from server.readcache import CachedToken
 
 __all__ = [
     "AccountReader",
@@ -87,23 +91,50 @@ class _Found:
     driver: Driver | None = None
 
 
-def _identify(
+async def _identify(
     request: Request,
-    db: SessionDep,
+    central: CentralDep,
     now: NowDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> _Found:
-    """Read the credentials a request carries (runs in the threadpool: it reads the DB)."""
+    """Read the credentials a request carries (a known token costs no database read)."""
     if "authorization" in request.headers:
-        record = tokens.find_token(db, bearer.credentials) if bearer is not None else None
-        db.commit()  # end the read transaction: SQLite holds a write lock until then
+        record = await _live_token(central, bearer.credentials if bearer is not None else "")
         if record is None:
             _refuse_token(request, now)
         assert record is not None
         token = Operator(record.token_id, record.name, Role(record.role), "", kind="token")
         return _Found(token=token)
-    operator = panel_operator(request, db, now)
-    return _Found(operator=operator, driver=current_driver(request, db, now))
+    if not request.cookies:
+        return _Found()
+    return await run_in_threadpool(_from_cookies, request, central, now)
+
+
+def _from_cookies(request: Request, central: Central, now: datetime) -> _Found:
+    with Session(central.engine, expire_on_commit=False) as db:
+        operator = panel_operator(request, db, now)
+        return _Found(operator=operator, driver=current_driver(request, db, now))
+
+
+async def _live_token(central: Central, secret: str) -> CachedToken | None:
+    """The live token with this secret, from the process's token cache or the database."""
+    if not secret or len(secret) > tokens.MAX_TOKEN_LENGTH:
+        return None
+    digest = tokens.token_hash(secret)
+    cached = central.tokens.get(digest)
+    if cached is not None:
+        return cached
+    epoch = central.tokens.epoch()
+    found = await run_in_threadpool(_load_token, central, secret)
+    if found is not None:
+        central.tokens.put(digest, found, epoch=epoch)
+    return found
+
+
+def _load_token(central: Central, secret: str) -> CachedToken | None:
+    with Session(central.read_engine) as db:
+        record = tokens.find_token(db, secret)
+        return None if record is None else CachedToken(record.token_id, record.name, record.role)
 
 
 def _refuse_token(request: Request, now: datetime) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, status
+from fastapi import APIRouter, Path, Response, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from sqlmodel import Session
 
 from server.auth.api import ApiAdmin, ApiOperator, ApiViewer
-from server.deps import NowDep, SessionDep
+from server.central import Central
+from server.deps import CentralDep, NowDep, SessionDep
 from server.gateways import service
 from server.gateways.models import GateCreate, GateRead
 from server.panel import actions
@@ -43,9 +46,25 @@ def create_gate(
     return service.gate_read(db, gate)
 
 
-@router.get("")
-def list_gates(lot_id: str, viewer: ApiViewer, db: SessionDep) -> list[GateRead]:
-    return [service.gate_read(db, gate) for gate in service.list_gates(db, lot_id)]
+@router.get("", response_model=list[GateRead])
+async def list_gates(lot_id: str, viewer: ApiViewer, central: CentralDep) -> Response:
+    """The lot's gates with their gateways' status: what dashboards poll (cached for
+    ``api_read_cache_s``)."""
+
+    async def load() -> bytes:
+        return await run_in_threadpool(_gates_json, central, lot_id)
+
+    body = await central.reads.get("gates", lot_id, load)
+    return Response(body, media_type="application/json")
+
+
+_GATES = TypeAdapter(list[GateRead])
+
+
+def _gates_json(central: Central, lot_id: str) -> bytes:
+    with Session(central.read_engine) as db:
+        gates = [service.gate_read(db, gate) for gate in service.list_gates(db, lot_id)]
+    return _GATES.dump_json(gates)
 
 
 @router.post(
