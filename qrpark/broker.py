@@ -2,7 +2,9 @@
 
 ``qrpark broker-config`` writes ``acl`` and ``passwords`` (hashed with ``mosquitto_passwd``):
 
-* the central service reads and writes everything under ``qrpark/v1/``;
+* the central service reads and writes everything under ``qrpark/v1/`` and reads the
+  broker's own ``$SYS/`` statistics (the compose healthcheck reads ``$SYS/broker/uptime``
+  with the central identity; nobody else may);
 * a gateway ``gw-{lot}-{gate}`` may publish only its own ``events``, ``replies`` and
   ``status`` and read only its own ``commands``, its ``status`` (its retained birth) and
   its lot's ``denylist``.
@@ -25,6 +27,7 @@ from parking_protocol.topics import PREFIX, TopicKind, denylist_topic, gate_topi
 __all__ = ["GatewayIdentity", "acl_text", "gateway_username", "main", "write_passwords"]
 
 CENTRAL_USER = "central"
+SYS_TOPICS = "$SYS/#"  # the broker's statistics: read-only, for the service and healthchecks
 
 
 def gateway_username(lot_id: str, gate_id: str) -> str:
@@ -59,6 +62,7 @@ def acl_text(gateways: Iterable[GatewayIdentity], central_user: str = CENTRAL_US
         "# its own events/replies/status and read only its own commands and its lot's deny-list.",
         f"user {central_user}",
         f"topic readwrite {PREFIX}/#",
+        f"topic read {SYS_TOPICS}",
         "",
     ]
     for gw in gateways:

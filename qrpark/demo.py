@@ -297,10 +297,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise DemoError(f"the service at {api.base} did not become healthy")
             time.sleep(0.2)
         token_shown = api.token if server is not None else "$QRPARK_API_TOKEN"
+        admin_password = os.environ.get("QRPARK_ADMIN_PASSWORD", DEMO_ADMIN_PASSWORD)
+        driver_pin = os.environ.get("QRPARK_DEMO_DRIVER_PIN", DEMO_DRIVER_PIN)
         print(
             f"\nqrpark demo is running\n"
-            f"  operator panel        : {api.base}/panel  (admin / {DEMO_ADMIN_PASSWORD})\n"
-            f"  driver page           : {api.base}/driver  (demo-1 / PIN {DEMO_DRIVER_PIN})\n"
+            f"  operator panel        : {api.base}/panel  (admin / {admin_password})\n"
+            f"  driver page           : {api.base}/driver  (demo-1 / PIN {driver_pin})\n"
             f"  API docs              : {api.base}/docs\n"
             f"  API token (admin)     : {token_shown}\n"
             f"  MQTT broker           : {broker_url}\n"

@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlmodel import select
 
 from parking_protocol.clock import FakeClock
 from parking_protocol.messages import GateCommand, ScanEvent, decode, encode, new_id
@@ -29,6 +30,7 @@ from server.central import Central, build_central
 from server.config import ServerSettings
 from server.gateways.models import GateCreate
 from server.lots.models import LotCreate, TariffSchema
+from server.payments.models import Payment
 from sim_devices.lot import SimLane, SimLaneConfig, start_sim_lane
 from sim_devices.traffic import Driver, Phone, pass_lane
 
@@ -238,44 +240,113 @@ async def test_replayed_code_is_denied_at_another_gate(lot: Lot) -> None:
     assert len(lot.central.list_sessions(lot_id=LOT, state="open")) == 1
 
 
-async def test_redelivered_scan_event_opens_one_session_and_charges_once(
-    lot: Lot, mosquitto: MosquittoProcess
-) -> None:
-    """QoS 1 redelivery: the same event twice gets the same command and one effect."""
-    gate_client = MqttTransport(parse_broker_url(mosquitto.url), f"dup-{uuid.uuid4().hex[:6]}")
-    await gate_client.subscribe(gate_topic(LOT, "in1", TopicKind.COMMANDS))
-    await gate_client.start()
-    assert await gate_client.wait_connected(10)
-    commands: list[GateCommand] = []
+@dataclass
+class HandGateway:
+    """A gateway driven by hand on the real broker: publishes exact events, keeps the answers."""
+
+    transport: MqttTransport
+    commands: list[GateCommand]
+
+    async def publish(self, event: ScanEvent) -> None:
+        topic = gate_topic(event.lot_id, event.gate_id, TopicKind.EVENTS)
+        await self.transport.publish(topic, encode(event))
+
+    async def answers(self, event: ScanEvent, count: int) -> list[GateCommand]:
+        """Wait for ``count`` commands answering ``event``."""
+
+        def mine() -> list[GateCommand]:
+            return [c for c in self.commands if c.event_id == event.event_id]
+
+        await eventually(lambda: len(mine()) >= count)
+        return mine()
+
+
+@pytest.fixture
+async def hand_gateway(mosquitto: MosquittoProcess) -> AsyncIterator[HandGateway]:
+    transport = MqttTransport(parse_broker_url(mosquitto.url), f"dup-{uuid.uuid4().hex[:6]}")
+    for gate in ("in1", "out1"):
+        await transport.subscribe(gate_topic(LOT, gate, TopicKind.COMMANDS))
+    await transport.start()
+    assert await transport.wait_connected(10)
+    gateway = HandGateway(transport, [])
 
     async def collect() -> None:
-        async for message in gate_client.messages():
+        async for message in transport.messages():
             command = decode(message.payload)
             if isinstance(command, GateCommand):
-                commands.append(command)
+                gateway.commands.append(command)
 
     reader = asyncio.create_task(collect())
     try:
-        event = ScanEvent(
-            event_id=new_id(),
-            lot_id=LOT,
-            gate_id="in1",
-            seq=1,
-            boot=1,
-            direction=Direction.ENTRY,
-            code=lot.central.issue_code("alice").code,
-            scanned_at=lot.clock.now(),
-        )
-        topic = gate_topic(LOT, "in1", TopicKind.EVENTS)
-        await gate_client.publish(topic, encode(event))
-        await eventually(lambda: len(commands) == 1)
-        await gate_client.publish(topic, encode(event))
-        await eventually(lambda: len(commands) == 2)
-        first, second = commands
-        assert first.action is GateAction.OPEN
-        assert second.command_id == first.command_id
-        assert len(lot.central.list_sessions(lot_id=LOT, account_id="alice")) == 1
-        assert lot.central.stats.replays >= 1
+        yield gateway
     finally:
         reader.cancel()
-        await gate_client.close()
+        await transport.close()
+
+
+def scan_event(lot: Lot, gate_id: str, direction: Direction, seq: int) -> ScanEvent:
+    return ScanEvent(
+        event_id=new_id(),
+        lot_id=LOT,
+        gate_id=gate_id,
+        seq=seq,
+        boot=1,
+        direction=direction,
+        code=lot.central.issue_code("alice").code,
+        scanned_at=lot.clock.now(),
+    )
+
+
+def payments_of(lot: Lot, account_id: str) -> list[Payment]:
+    with lot.central.db() as db:
+        return list(db.exec(select(Payment).where(Payment.account_id == account_id)).all())
+
+
+async def test_redelivered_entry_event_opens_one_session(
+    lot: Lot, hand_gateway: HandGateway
+) -> None:
+    """QoS 1 redelivery of an entry: the same command again and one session."""
+    event = scan_event(lot, "in1", Direction.ENTRY, seq=1)
+    await hand_gateway.publish(event)
+    (first,) = await hand_gateway.answers(event, 1)
+    await hand_gateway.publish(event)
+    _, second = await hand_gateway.answers(event, 2)
+    assert first.action is GateAction.OPEN
+    assert second.command_id == first.command_id
+    assert len(lot.central.list_sessions(lot_id=LOT, account_id="alice")) == 1
+    assert lot.central.stats.replays >= 1
+    assert payments_of(lot, "alice") == []
+
+
+async def test_redelivered_exit_event_charges_once_and_gets_the_same_command(
+    lot: Lot, hand_gateway: HandGateway
+) -> None:
+    """QoS 1 redelivery of an exit: one payment, the balance drops once, one command twice."""
+    entry = scan_event(lot, "in1", Direction.ENTRY, seq=1)
+    await hand_gateway.publish(entry)
+    (opened,) = await hand_gateway.answers(entry, 1)
+    assert opened.action is GateAction.OPEN
+
+    lot.clock.advance(timedelta(hours=2))
+    exit_event = scan_event(lot, "out1", Direction.EXIT, seq=1)
+    await hand_gateway.publish(exit_event)
+    (first,) = await hand_gateway.answers(exit_event, 1)
+    replays_before = lot.central.stats.replays
+    await hand_gateway.publish(exit_event)
+    _, second = await hand_gateway.answers(exit_event, 2)
+
+    assert first.action is GateAction.OPEN
+    assert first.amount is not None
+    assert first.amount.amount_minor == 2 * HOURLY
+    assert second.command_id == first.command_id
+    assert (second.action, second.amount, second.session_id) == (
+        first.action,
+        first.amount,
+        first.session_id,
+    )
+    assert lot.central.stats.replays == replays_before + 1
+    (payment,) = payments_of(lot, "alice")
+    assert (payment.amount_minor, payment.session_id) == (2 * HOURLY, first.session_id)
+    assert lot.central.balance("alice") == START_BALANCE - 2 * HOURLY
+    (session,) = lot.central.list_sessions(lot_id=LOT, account_id="alice")
+    assert session.state == "closed"

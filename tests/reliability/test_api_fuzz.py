@@ -14,16 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from service_guard import missing_service
 
-schemathesis = pytest.importorskip("schemathesis")
+from parking_protocol.clock import FakeClock
+from server.config import ServerSettings
+from server.main import create_app
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis.errors import Unsatisfiable  # noqa: E402
-from schemathesis.python import asgi  # noqa: E402
-
-from parking_protocol.clock import FakeClock  # noqa: E402
-from server.config import ServerSettings  # noqa: E402
-from server.main import create_app  # noqa: E402
+# schemathesis is a dev dependency. Missing, the test skips on a laptop and FAILS in CI
+# (service_guard), so CI cannot go green without fuzzing the API.
+MISSING: str | None
+try:
+    import schemathesis
+    from schemathesis.python import asgi
+except ModuleNotFoundError as exc:
+    MISSING = f"{exc.name} is not installed (pip install -e '.[dev]')"
+else:
+    MISSING = None
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +63,8 @@ def _seed(client: Any) -> None:
 
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    if MISSING is not None:
+        missing_service(MISSING)
     base: Path = tmp_path_factory.mktemp("fuzz")
     settings_ = ServerSettings(
         database_url=f"sqlite:///{base / 'fuzz.db'}",

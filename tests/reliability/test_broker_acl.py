@@ -132,6 +132,25 @@ async def test_impersonating_gateway_cannot_read_another_gates_commands(
     await spy.close()
 
 
+@pytest.mark.parametrize(
+    ("user", "password", "reads"),
+    [("central", "pw-central", True), ("gw-lot1-in1", "pw-in1", False)],
+)
+async def test_only_central_reads_the_broker_statistics(
+    secured_broker: MosquittoProcess, user: str, password: str, reads: bool
+) -> None:
+    """docker-compose's healthcheck reads $SYS/broker/uptime as central; gateways may not."""
+    reader = client(secured_broker, user, password)
+    await reader.subscribe("$SYS/broker/uptime")
+    await reader.start()
+    assert await reader.wait_connected(5)
+    try:
+        # Mosquitto keeps $SYS topics retained: a permitted subscriber gets one at once.
+        assert bool(await received(reader, "$SYS/broker/uptime", timeout=2.0)) is reads
+    finally:
+        await reader.close()
+
+
 @pytest.mark.parametrize(("user", "password"), [("gw-lot1-in1", "wrong"), (None, None)])
 async def test_wrong_password_and_anonymous_are_refused(
     secured_broker: MosquittoProcess, user: str | None, password: str | None
