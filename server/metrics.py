@@ -7,6 +7,9 @@
 * ``qrpark_batch_size`` — events per group-commit transaction;
 * ``qrpark_mqtt_rejected_total{reason}`` — payloads dropped at the edge (bad topic, not
   JSON, unknown version …);
+* ``qrpark_event_seq_gaps_total``, ``qrpark_gateway_events_missing{lot,gate}`` — events
+  that arrived with earlier ones of the gateway's sequence missing, and how many are still
+  missing; ``qrpark_event_conflicts_total`` — races lost to another service process;
 * ``qrpark_gateways{state}``, ``qrpark_gateway_outbox_depth{lot,gate}``,
   ``qrpark_dead_letters``, ``qrpark_lot_occupancy{lot}`` — read from the database at scrape.
 """
@@ -55,6 +58,27 @@ class _StateCollector(Collector):
         )
         replayed.add_metric([], stats.replays)
         yield replayed
+        gaps = CounterMetricFamily(
+            "qrpark_event_seq_gaps",
+            "Times a gateway's event arrived with earlier events of its sequence missing",
+        )
+        gaps.add_metric([], stats.seq_gaps)
+        yield gaps
+        missing = GaugeMetricFamily(
+            "qrpark_gateway_events_missing",
+            "Events of a gateway's sequence not received yet (its outbox replays them)",
+            labels=["lot", "gate"],
+        )
+        if self._central.bridge is not None:
+            for (lot, gate), seqs in self._central.bridge.sequences.missing().items():
+                missing.add_metric([lot, gate], len(seqs))
+        yield missing
+        conflicts = CounterMetricFamily(
+            "qrpark_event_conflicts",
+            "Events that lost a race with another service process and were handled again",
+        )
+        conflicts.add_metric([], stats.conflicts)
+        yield conflicts
         gateways = GaugeMetricFamily("qrpark_gateways", "Gateways by state", labels=["state"])
         outbox = GaugeMetricFamily(
             "qrpark_gateway_outbox_depth",

@@ -41,6 +41,7 @@ from parking_protocol.messages import (
 )
 from parking_protocol.topics import TopicKind, TopicRef, all_gates_filter, parse_topic, shared
 from parking_protocol.transport import InboundMessage, Transport, TransportUnavailable
+from server.gateways.sequence import SeqTracker
 from server.gateways.service import record_reply, record_status
 from server.sessions.flows import (
     FlowConfig,
@@ -79,6 +80,10 @@ class BridgeStats:
     dead_letters: int = 0
     conflicts: int = 0
     """Events that lost a race with another process and were handled again (or left)."""
+    seq_gaps: int = 0
+    """Times a gateway's event arrived with earlier ones of its sequence missing."""
+    misaddressed: int = 0
+    """Statuses and replies naming another gate than the topic they came on (ignored)."""
     batches: int = 0
     largest_batch: int = 0
     failed_batches: int = 0
@@ -132,6 +137,7 @@ class Bridge:
         self.max_batch = max_batch
         self.handler = handler
         self.stats = BridgeStats()
+        self.sequences = SeqTracker()
         self._queue: asyncio.Queue[Inbound] = asyncio.Queue(queue_size)
         self._outbox: asyncio.Queue[tuple[list[Reply], int]] = asyncio.Queue()
         self._pending = 0
@@ -194,7 +200,36 @@ class Bridge:
             self.stats.decode_failures[exc.failure] += 1
             log.warning("dropped %s payload on %s: %s", ref.kind, message.topic, exc)
             return None
+        if isinstance(decoded, ScanEvent):
+            self._track_sequence(ref, decoded)
         return Inbound(ref=ref, topic=message.topic, payload=message.payload, message=decoded)
+
+    def _track_sequence(self, ref: TopicRef, event: ScanEvent) -> None:
+        """Notice events of a gateway that have not arrived (its outbox replays them)."""
+        assert ref.gate_id is not None
+        change = self.sequences.observe(ref.lot_id, ref.gate_id, boot=event.boot, seq=event.seq)
+        if change.opened:
+            self.stats.seq_gaps += 1
+            log.warning(
+                "gateway %s/%s sent seq %d with %d earlier event(s) not received (%d..%d);"
+                " waiting for its outbox to replay them",
+                ref.lot_id,
+                ref.gate_id,
+                event.seq,
+                len(change.opened),
+                change.opened[0],
+                change.opened[-1],
+            )
+        if change.abandoned:
+            log.warning(
+                "gateway %s/%s restarted its sequence at boot %d with %d event(s) of the"
+                " previous boot never received: %s",
+                ref.lot_id,
+                ref.gate_id,
+                event.boot,
+                len(change.abandoned),
+                list(change.abandoned[:20]),
+            )
 
     async def _consume(self) -> None:
         async for message in self.transport.messages():
@@ -271,14 +306,20 @@ class Bridge:
             self.stats.events += 1
             self.stats.replays += reply.replayed
             return reply
+        if (message.lot_id, message.gate_id) != (item.ref.lot_id, item.ref.gate_id):
+            # A gateway speaks only for its own gate (the broker's ACL says which topics).
+            self.stats.misaddressed += 1
+            log.warning(
+                "%s for %s/%s on %s ignored",
+                message.type,
+                message.lot_id,
+                message.gate_id,
+                item.topic,
+            )
+            return None
         if isinstance(message, GatewayStatus):
-            if (message.lot_id, message.gate_id) == (item.ref.lot_id, item.ref.gate_id):
-                record_status(db, message, now=now)
-                self.stats.statuses += 1
-            else:
-                log.warning(
-                    "status for %s/%s on %s ignored", message.lot_id, message.gate_id, item.topic
-                )
+            record_status(db, message, now=now)
+            self.stats.statuses += 1
             return None
         record_reply(db, message, now=now)
         self.stats.replies += 1
