@@ -122,6 +122,8 @@ class RouteFaults:
     rng: random.Random
     duplicate: float = 0.0
     max_delay: float = 0.0
+    duplicated: int = 0
+    """How many deliveries were doubled so far (for reports)."""
 
 
 @dataclass
@@ -212,6 +214,7 @@ class InMemoryBroker:
             client._deliver(message)
             return
         copies = 2 if faults.rng.random() < faults.duplicate else 1
+        faults.duplicated += copies - 1
         for _ in range(copies):
             delay = faults.rng.uniform(0, faults.max_delay) if faults.max_delay > 0 else 0.0
             if delay > 0:

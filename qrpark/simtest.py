@@ -512,6 +512,8 @@ class World:
         bridge = central.bridge
         if bridge is not None:
             self.counters["dead letters"] += bridge.stats.dead_letters
+        if self.broker.faults is not None:
+            self.counters["fault: duplicated delivery"] += self.broker.faults.duplicated
 
 
 class Runner:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
+from reliability_report import Report
 from service_guard import missing_service
 
 from parking_protocol.clock import FakeClock
@@ -97,7 +98,7 @@ def _server_error(case: Any, response: Any) -> str | None:
     return None
 
 
-def test_no_operation_answers_5xx(api_schema: Any) -> None:
+def test_no_operation_answers_5xx(api_schema: Any, report: Report) -> None:
     failures: dict[str, str] = {}
     tried = 0
     for result in api_schema.get_all_operations():
@@ -128,4 +129,5 @@ def test_no_operation_answers_5xx(api_schema: Any) -> None:
             except Unsatisfiable:  # nothing to make invalid (e.g. GET /health has no inputs)
                 assert mode is schemathesis.GenerationMode.NEGATIVE
     print(f"\nschemathesis: {tried} requests, {len(failures)} operations answered 5xx")
+    report.bad_inputs["API requests (schemathesis, positive and negative)"] += tried
     assert not failures, "\n".join(f"{op} -> {error}" for op, error in failures.items())

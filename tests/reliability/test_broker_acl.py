@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from reliability_report import Report
 from service_guard import missing_service
 
 from parking_protocol.mqtt import MqttTransport, parse_broker_url
@@ -92,8 +93,9 @@ async def test_gateway_publishes_its_own_events(
 
 
 async def test_impersonating_gateway_cannot_publish_for_another_gate(
-    secured_broker: MosquittoProcess, central: MqttTransport
+    secured_broker: MosquittoProcess, central: MqttTransport, report: Report
 ) -> None:
+    report.bad_inputs["impersonation at the broker (publish, subscribe, sign-in)"] += 1
     gw = client(secured_broker, "gw-lot1-in1", "pw-in1")
     await gw.start()
     assert await gw.wait_connected(5)
@@ -113,8 +115,9 @@ async def test_impersonating_gateway_cannot_publish_for_another_gate(
 
 
 async def test_impersonating_gateway_cannot_read_another_gates_commands(
-    secured_broker: MosquittoProcess, central: MqttTransport
+    secured_broker: MosquittoProcess, central: MqttTransport, report: Report
 ) -> None:
+    report.bad_inputs["impersonation at the broker (publish, subscribe, sign-in)"] += 1
     spy = client(secured_broker, "gw-lot1-in1", "pw-in1")
     other = gate_topic("lot1", "in2", TopicKind.COMMANDS)
     own = gate_topic("lot1", "in1", TopicKind.COMMANDS)
@@ -153,8 +156,9 @@ async def test_only_central_reads_the_broker_statistics(
 
 @pytest.mark.parametrize(("user", "password"), [("gw-lot1-in1", "wrong"), (None, None)])
 async def test_wrong_password_and_anonymous_are_refused(
-    secured_broker: MosquittoProcess, user: str | None, password: str | None
+    secured_broker: MosquittoProcess, user: str | None, password: str | None, report: Report
 ) -> None:
+    report.bad_inputs["impersonation at the broker (publish, subscribe, sign-in)"] += 1
     intruder = client(secured_broker, user, password)
     await intruder.start()
     assert not await intruder.wait_connected(1.5)

@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reliability_report import Report
 
 from gateway_firmware.uplink.link import Uplink
 from parking_protocol.clock import FakeClock
@@ -92,8 +93,9 @@ def central(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Central]:
 @FUZZ
 @given(topic=topics, payload=payloads)
 def test_bridge_edge_rejects_garbage_with_a_count(
-    central: Central, topic: str, payload: bytes
+    central: Central, report: Report, topic: str, payload: bytes
 ) -> None:
+    report.bad_inputs["MQTT topics and payloads at the service's edge"] += 1
     assert central.bridge is not None
     stats = central.bridge.stats
     before = stats.bad_topics + sum(stats.decode_failures.values())
@@ -121,6 +123,7 @@ def mutate(code: str, position: int, char: str) -> str:
 )
 def test_any_scan_event_gets_a_decision_and_the_ledger_stays_balanced(
     central: Central,
+    report: Report,
     gate: str,
     topic_gate: str,
     code_kind: str,
@@ -132,6 +135,7 @@ def test_any_scan_event_gets_a_decision_and_the_ledger_stays_balanced(
     dt: int,
 ) -> None:
     assert central.bridge is not None
+    report.bad_inputs["scan events: mutated, replayed, misaddressed codes"] += 1
     now = central.clock.now()
     codes = {
         "valid": lambda: central.issue_code("alice").code,
@@ -184,7 +188,10 @@ def uplink() -> Uplink:
 
 @FUZZ
 @given(topic=topics, payload=payloads)
-def test_gateway_uplink_rejects_garbage_with_a_count(topic: str, payload: bytes) -> None:
+def test_gateway_uplink_rejects_garbage_with_a_count(
+    report: Report, topic: str, payload: bytes
+) -> None:
+    report.bad_inputs["MQTT topics and payloads at the gateway's edge"] += 1
     link = uplink()
     message = link.accept(topic, payload)
     assert message is None

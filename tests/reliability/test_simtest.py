@@ -10,6 +10,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
+from reliability_report import Report
 
 from qrpark.simtest import Runner, SimConfig, SimResult, quiet_logs
 
@@ -29,7 +30,7 @@ def run_chunk(seeds: list[int]) -> list[SimResult]:
 
 
 @pytest.mark.timeout(900)
-def test_every_seed_keeps_every_invariant() -> None:
+def test_every_seed_keeps_every_invariant(report: Report) -> None:
     seeds = list(range(1, SEEDS + 1))
     workers = min(2, os.cpu_count() or 1)
     chunks = [seeds[i::workers] for i in range(workers)]
@@ -39,6 +40,22 @@ def test_every_seed_keeps_every_invariant() -> None:
     failed = [r for r in results if not r.ok]
     faults = sum(n for r in results for k, n in r.counters.items() if k.startswith("fault:"))
     events = sum(r.counters["events published"] + r.counters["events replayed"] for r in results)
+    report.seeds += len(results)
+    report.faults.update(
+        {
+            k.removeprefix("fault:").strip(): n
+            for r in results
+            for k, n in r.counters.items()
+            if k.startswith("fault:")
+        }
+    )
+    violations = [v for r in results for v in r.violations]
+    report.events(
+        events,
+        lost=sum("outbox still holds" in v or "charge lost" in v for v in violations),
+        doubled=sum("billed twice" in v or "barrier opened" in v for v in violations),
+    )
+    report.crashes += sum("the simulation raised" in v for v in violations)
     virtual = sum(r.virtual_s for r in results)
     real = sum(r.real_s for r in results)
     print(
