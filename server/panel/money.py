@@ -31,7 +31,7 @@ from server.lots import service as lots
 from server.panel import charts, queries
 from server.panel import service as panel_service
 from server.panel.actions import clean_reason
-from server.panel.amounts import to_major, to_minor
+from server.panel.amounts import check_year, to_major, to_minor
 from server.panel.router import back, page, parse_day
 from server.panel.templating import money
 from server.payments import service as payments
@@ -55,7 +55,12 @@ def window(
     """The days [since, until] (default: the last 14 days) and their UTC bounds [start, end)."""
     try:
         last = date.fromisoformat(until) if until else today
-        first = date.fromisoformat(since) if since else last - timedelta(days=DEFAULT_DAYS - 1)
+        check_year(last, "to")  # before any arithmetic: 9999-12-31 + 1 day overflows
+        if since:
+            first = date.fromisoformat(since)
+            check_year(first, "from")
+        else:
+            first = last - timedelta(days=DEFAULT_DAYS - 1)
     except ValueError:
         raise UnprocessableError("dates are YYYY-MM-DD") from None
     if first > last:
@@ -170,9 +175,13 @@ def money_page(
 ) -> HTMLResponse:
     all_lots = lots.list_lots(db)
     zone = panel_service.panel_zone(all_lots)
-    first, last, start, end = window(
-        since or None, until or None, today=now.astimezone(ZoneInfo(zone)).date(), zone=zone
-    )
+    today = now.astimezone(ZoneInfo(zone)).date()
+    refusal = None
+    try:
+        first, last, start, end = window(since or None, until or None, today=today, zone=zone)
+    except UnprocessableError as exc:
+        refusal = f"{exc.detail}; showing the last {DEFAULT_DAYS} days"
+        first, last, start, end = window(None, None, today=today, zone=zone)
     names = {item.lot_id: item.name for item in all_lots}
     zones = {item.lot_id: item.timezone for item in all_lots}
     lot_id = lot if lot in names else None
@@ -190,6 +199,8 @@ def money_page(
         request,
         "money.html",
         operator,
+        status_code=422 if refusal else 200,
+        refusal=refusal,
         lots=all_lots,
         names=names,
         zones=zones,
@@ -363,8 +374,8 @@ def export_sessions(
         lot_id=lot or None,
         account_id=account.strip() or None,
         state=state or None,
-        since=parse_day(since),
-        until=parse_day(until, end=True),
+        since=parse_day(since, what="since"),
+        until=parse_day(until, end=True, what="until"),
         limit=limit,
     )
     body = csv_bytes(

@@ -53,12 +53,13 @@ from server.errors import ConflictError, NotFoundError, UnprocessableError
 from server.gateways.models import Gate, GatewayStatusRecord
 from server.lots import service as lots
 from server.panel import actions, queries, service
+from server.panel.amounts import check_year
 from server.panel.deps import PanelDep
 from server.panel.templating import render
 from server.payments import receipts
 from server.payments import service as payments
 from server.sessions import service as sessions
-from server.sessions.models import SessionState
+from server.sessions.models import ParkingSession, SessionState
 
 __all__ = ["router"]
 
@@ -72,8 +73,17 @@ def _dev(request: Request) -> bool:
     return bool(request.app.state.settings.environment == "development")
 
 
-def page(request: Request, name: str, operator: Operator | None, **context: Any) -> HTMLResponse:
-    """Render a panel page; shows (and clears) the one-shot notice of the last action."""
+def page(
+    request: Request,
+    name: str,
+    operator: Operator | None,
+    *,
+    status_code: int = 200,
+    refusal: str | None = None,
+    **context: Any,
+) -> HTMLResponse:
+    """Render a panel page; shows (and clears) the one-shot notice of the last action, or
+    ``refusal`` (why the request's filters were not applied) as an error notice."""
     flash = request.cookies.get(FLASH_COOKIE)
     notice = None
     if flash:
@@ -82,7 +92,16 @@ def page(request: Request, name: str, operator: Operator | None, **context: Any)
             notice = {"ok": bool(data["ok"]), "text": str(data["text"])[:300]}
         except (ValueError, KeyError, TypeError):
             notice = None
-    response = render(name, operator=operator, notice=notice, path=request.url.path, **context)
+    if refusal is not None:
+        notice = {"ok": False, "text": refusal[:300]}
+    response = render(
+        name,
+        status_code=status_code,
+        operator=operator,
+        notice=notice,
+        path=request.url.path,
+        **context,
+    )
     if flash:
         clear_cookie(response, _dev(request), FLASH_COOKIE, path=PANEL_PATH)
     return response
@@ -308,13 +327,15 @@ async def live_events(request: Request, central: CentralDep, panel: PanelDep) ->
 
 
 # -- sessions --------------------------------------------------------------------------------------
-def parse_day(value: str | None, *, end: bool = False) -> datetime | None:
+def parse_day(value: str | None, *, end: bool = False, what: str = "date") -> datetime | None:
+    """A filter's day (``YYYY-MM-DD``: the whole day in UTC) or date and time, as UTC."""
     if not value:
         return None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise UnprocessableError(f"not a date/time: {value!r}") from None
+        raise UnprocessableError(f"{what}: not a date/time: {value[:40]!r}") from None
+    check_year(parsed, what)
     if parsed.tzinfo is None:
         if len(value) == 10:  # a date: the whole day (UTC)
             parsed = datetime.combine(parsed.date(), time(), UTC)
@@ -336,20 +357,30 @@ def sessions_page(
     until: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> HTMLResponse:
-    found = service.search_sessions(
-        db,
-        lot_id=lot or None,
-        account_id=(account or "").strip() or None,
-        state=state or None,
-        since=parse_day(since),
-        until=parse_day(until, end=True),
-        limit=limit,
-    )
+    refusal = None
+    found: list[ParkingSession] = []
+    try:
+        first = parse_day(since, what="entered from")
+        last = parse_day(until, end=True, what="entered to")
+    except UnprocessableError as exc:
+        refusal = f"Not searched: {exc.detail}"
+    else:
+        found = service.search_sessions(
+            db,
+            lot_id=lot or None,
+            account_id=(account or "").strip() or None,
+            state=state or None,
+            since=first,
+            until=last,
+            limit=limit,
+        )
     zones = {item.lot_id: item.timezone for item in lots.list_lots(db)}
     return page(
         request,
         "sessions.html",
         operator,
+        status_code=422 if refusal else 200,
+        refusal=refusal,
         sessions=[sessions.session_read(item) for item in found],
         lots=lots.list_lots(db),
         zones=zones,

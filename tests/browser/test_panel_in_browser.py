@@ -2,31 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from browser_support import ADMIN_PASSWORD, DRIVER_PIN, VIEWER_PASSWORD, LiveService, keep
-
-from parking_protocol.messages import (
-    GateCommand,
-    GatewayState,
-    GatewayStatus,
-    ScanEvent,
-    decode,
-    encode,
-    new_id,
+from browser_support import (
+    ADMIN_PASSWORD,
+    DRIVER_PIN,
+    VIEWER_PASSWORD,
+    LiveService,
+    SimLot,
+    keep,
+    wait_until,
 )
-from parking_protocol.qr_token import verify_code
-from parking_protocol.topics import TopicKind, gate_topic
-from parking_protocol.types import Direction
 
-pytestmark = pytest.mark.slow  # TODO(lead): register and use a `browser` marker
+from parking_protocol.qr_token import CodeClaims, verify_code
+from parking_protocol.types import DENY_TEXT, Reason
+
+pytestmark = [pytest.mark.browser, pytest.mark.broker, pytest.mark.slow]
 
 LAPTOP = {"width": 1366, "height": 900}
 TABLET = {"width": 820, "height": 1180}
@@ -49,65 +46,58 @@ def sign_in(
     page.wait_for_url("**/panel/dashboard")
 
 
-async def gateway_says(live: LiveService, gate_id: str, message: ScanEvent | GatewayStatus) -> None:
-    client = live.broker.client(f"gw-demo-{gate_id}-{new_id()[:8]}")
-    await client.start()
-    kind = TopicKind.EVENTS if isinstance(message, ScanEvent) else TopicKind.STATUS
-    await client.publish(
-        gate_topic("demo", gate_id, kind), encode(message), retain=kind == TopicKind.STATUS
-    )
-    await client.close()
+def driver_sign_in(page: Any, live: LiveService, account_id: str = "alice") -> None:
+    page.goto(live.url + "/driver/login")
+    page.fill("input[name=account_id]", account_id)
+    page.fill("input[name=pin]", DRIVER_PIN)
+    page.click("button[type=submit]")
+    page.wait_for_url("**/driver")
+    expect(page.locator('#qr[data-ready="1"]')).to_have_count(1, timeout=10_000)
 
 
-def scan(live: LiveService, gate_id: str, direction: Direction, code: str) -> None:
-    event = ScanEvent(
-        event_id=new_id(),
-        lot_id="demo",
-        gate_id=gate_id,
-        seq=0,
-        boot=1,
-        direction=direction,
-        code=code,
-        scanned_at=live.central.clock.now(),
-    )
-    live.run(gateway_says(live, gate_id, event))
+def code_on_screen(page: Any, shot: Path) -> str:
+    """The one code the gateway's decoder reads from a screenshot of the page."""
+    import cv2
+
+    from gateway_firmware.hardware.decoders import make_decoder
+
+    png = page.screenshot(path=str(shot))
+    keep(shot)
+    frame = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    texts = make_decoder("zxing").decode(frame)
+    assert len(texts) == 1, f"the decoder read {texts!r} from {shot.name}"
+    return str(texts[0])
 
 
-def online(live: LiveService, gate_id: str, direction: Direction) -> None:
-    status = GatewayStatus(
-        status_id=new_id(),
-        lot_id="demo",
-        gate_id=gate_id,
-        state=GatewayState.ONLINE,
-        direction=direction,
-        firmware_version="qrpark-gw 0.1.0",
-        boot=3,
-        sent_at=live.central.clock.now(),
-    )
-    live.run(gateway_says(live, gate_id, status))
+def valid_for(live: LiveService, code: str, *, at: Any = None) -> CodeClaims:
+    """The code's claims, verified with the service's keys and no clock skew allowed."""
+    now = at or live.central.clock.now()
+    return verify_code(code, live.central.keys.public_keys(), now=now, skew=timedelta(0))
 
 
 def test_a_car_entering_appears_live_on_the_dashboard(
-    live: LiveService, chromium: Any, tmp_path: Path
+    live: LiveService, lot: SimLot, chromium: Any, tmp_path: Path
 ) -> None:
     page = chromium.new_page(viewport=LAPTOP)
     sign_in(page, live)
     expect(page.locator("#live-state")).to_have_attribute("data-state", "live", timeout=10_000)
     expect(page.locator("#feed-empty")).to_be_visible()
 
-    online(live, "in1", Direction.ENTRY)
-    online(live, "out1", Direction.EXIT)
-    scan(live, "in1", Direction.ENTRY, live.central.issue_code("alice").code)
-    scan(live, "in1", Direction.ENTRY, live.central.sign_code("mallory").code)
+    entered = lot.drive(lot.entry, lot.driver("alice"))
+    refused = lot.drive(lot.entry, lot.driver("mallory", registered=False))
 
+    assert entered.opened, entered
+    assert (refused.opened, refused.refused) == (False, True), refused
+    lot.entry.gate.assert_events(["open", "close"])  # alice only; mallory stayed outside
     entry = page.locator("#feed li.event-entry").first
     expect(entry).to_contain_text("alice", timeout=10_000)
     expect(entry).to_contain_text("demo/in1")
     denied = page.locator("#feed li.event-denied").first
     expect(denied).to_contain_text("account_unknown")
-    lot = page.locator('[data-lot="demo"]')
-    expect(lot.locator('[data-field="used"]')).to_have_text("1", timeout=10_000)
-    expect(lot.locator('[data-gate="demo/in1"] [data-gate-state]')).to_have_text("online")
+    card = page.locator('[data-lot="demo"]')
+    expect(card.locator('[data-field="used"]')).to_have_text("1", timeout=10_000)
+    expect(card.locator('[data-gate="demo/in1"] [data-gate-state]')).to_have_text("online")
+    expect(card.locator('[data-gate="demo/out1"] [data-gate-state]')).to_have_text("online")
     page.wait_for_timeout(400)
     shot = tmp_path / "dashboard-laptop.png"
     page.screenshot(path=str(shot), full_page=True)
@@ -124,27 +114,30 @@ def test_a_car_entering_appears_live_on_the_dashboard(
 
 
 def test_operator_opens_a_gate_and_finds_it_in_the_audit_log(
-    live: LiveService, chromium: Any, tmp_path: Path
+    live: LiveService, lot: SimLot, chromium: Any, tmp_path: Path
 ) -> None:
-    async def listen() -> Any:
-        gateway = live.broker.client("gw-demo-out1")
-        await gateway.start()
-        await gateway.subscribe(gate_topic("demo", "out1", TopicKind.COMMANDS))
-        return aiter(gateway.messages())
-
-    messages = live.run(listen())
     page = chromium.new_page(viewport=LAPTOP)
     sign_in(page, live)
     page.click("nav >> text=Gates")
     page.click("text=North exit")
     page.fill("#open-form input[name=reason]", "Driver paid cash at the booth")
+    assert lot.exit.gate.events() == []
     page.click("#open-form button[type=submit]")
 
     expect(page.locator(".notice.ok")).to_contain_text("Open sent to demo/out1")
     expect(page.locator("#manual-opens")).to_contain_text("Driver paid cash at the booth")
-    command = decode(live.run(asyncio.wait_for(anext(messages), 5)).payload)
-    assert isinstance(command, GateCommand)
-    assert (command.event_id, command.reason.value) == (None, "manual_open")
+    # The command went over Mosquitto to the exit gateway, which raised its barrier ...
+    wait_until(lambda: lot.exit.gate.opens == 1, "the exit barrier opened")
+    assert lot.exit.gate.events()[0] == "open"
+    assert DENY_TEXT[Reason.MANUAL_OPEN] in lot.exit.display.texts
+    lot.entry.gate.assert_events([])
+
+    # ... and its reply came back the same way: the gate page shows it accepted.
+    def accepted() -> bool:
+        page.reload()
+        return "accepted" in page.locator("#manual-opens tbody tr").first.inner_text()
+
+    wait_until(accepted, "the gateway's accepted reply on the gate page")
     page.click("nav >> text=Audit log")
     row = page.locator("table.audit tbody tr", has_text="gate.manual_open").first
     expect(row).to_contain_text("user:admin")
@@ -169,34 +162,46 @@ def test_a_viewer_sees_gates_but_no_open_button(live: LiveService, chromium: Any
 def test_the_gateway_decoder_reads_the_code_on_the_driver_page(
     live: LiveService, chromium: Any, tmp_path: Path
 ) -> None:
-    import cv2
-
-    from gateway_firmware.hardware.decoders import make_decoder
-
     page = chromium.new_page(viewport=PHONE)
-    page.goto(live.url + "/driver/login")
-    page.fill("input[name=account_id]", "alice")
-    page.fill("input[name=pin]", DRIVER_PIN)
-    page.click("button[type=submit]")
-    page.wait_for_url("**/driver")
-    expect(page.locator('#qr[data-ready="1"]')).to_have_count(1, timeout=10_000)
+    driver_sign_in(page, live)
     expect(page.locator("#countdown")).to_contain_text("New code in")
     expect(page.locator("#balance")).to_have_text("¥200.00")
 
-    png = page.screenshot(path=str(tmp_path / "driver.png"))
-    keep(tmp_path / "driver.png")
-    frame = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
-    texts = make_decoder("zxing").decode(frame)
-
-    assert len(texts) == 1
-    claims = verify_code(texts[0], live.central.keys.public_keys(), now=live.central.clock.now())
+    claims = valid_for(live, code_on_screen(page, tmp_path / "driver.png"))
     assert claims.account_id == "alice"
 
     page.click("button[data-topup='2000']")
     expect(page.locator("#balance")).to_have_text("¥220.00", timeout=10_000)
 
 
-def test_the_event_stream_speaks_server_sent_events(live: LiveService) -> None:
+@pytest.mark.parametrize("service_overrides", [{"code_lifetime_s": 6}])
+def test_the_driver_page_shows_a_new_code_before_the_old_one_expires(
+    live: LiveService, chromium: Any, tmp_path: Path
+) -> None:
+    """Codes live 6 s here; the page must put a new valid one up while the old one holds."""
+    page = chromium.new_page(viewport=PHONE)
+    driver_sign_in(page, live)
+    first = valid_for(live, code_on_screen(page, tmp_path / "driver-code-1.png"))
+    assert first.expires_at - first.issued_at == timedelta(seconds=6)
+    shown = page.inner_html("#qr")
+
+    page.wait_for_function(
+        "old => document.getElementById('qr').innerHTML !== old", arg=shown, timeout=10_000
+    )
+    changed_at = live.central.clock.now()
+
+    assert changed_at < first.expires_at, (
+        f"the code changed at {changed_at}, after the old one expired at {first.expires_at}"
+    )
+    code = code_on_screen(page, tmp_path / "driver-code-2.png")
+    second = valid_for(live, code, at=changed_at)
+    assert second.account_id == "alice"
+    assert second.expires_at > first.expires_at
+    assert "stale" not in (page.get_attribute("#qr", "class") or "")
+    expect(page.locator("#countdown")).to_contain_text("New code in")
+
+
+def test_the_event_stream_speaks_server_sent_events(live: LiveService, lot: SimLot) -> None:
     with httpx.Client(base_url=live.url, timeout=10) as http:
         login = http.get("/panel/login")
         token = login.text.split('name="csrf_token" value="')[1].split('"')[0]
@@ -209,7 +214,7 @@ def test_the_event_stream_speaks_server_sent_events(live: LiveService) -> None:
             assert stream.headers["content-type"].startswith("text/event-stream")
             lines = stream.iter_lines()
             assert next(lines) == "retry: 2000"
-            scan(live, "in1", Direction.ENTRY, live.central.issue_code("alice").code)
+            assert lot.drive(lot.entry, lot.driver("alice")).opened
             data = next(line for line in lines if line.startswith("data: "))
     event = json.loads(data.removeprefix("data: "))
     assert (event["kind"], event["account_id"], event["gate_id"]) == ("entry", "alice", "in1")
@@ -246,23 +251,20 @@ def test_admin_previews_a_price_then_creates_a_tariff_version(
     keep(shot)
 
 
-def closed_stay(live: LiveService, account_id: str) -> str:
-    """Drive in and out at the demo lot; returns the closed session's id."""
-    scan(live, "in1", Direction.ENTRY, live.central.issue_code(account_id).code)
-    scan(live, "out1", Direction.EXIT, live.central.issue_code(account_id).code)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        found = live.central.list_sessions(account_id=account_id, lot_id="demo")
-        if found and found[0].state == "closed":
-            return found[0].session_id
-        time.sleep(0.05)
-    raise AssertionError(f"{account_id}'s stay did not close")
+def closed_stay(lot: SimLot, account_id: str) -> str:
+    """Drive in and out of the demo lot through its gateways; returns the closed session."""
+    driver = lot.driver(account_id)
+    assert lot.drive(lot.entry, driver).opened, "the entry did not open"
+    assert lot.drive(lot.exit, driver).opened, "the exit did not open"
+    (found,) = lot.live.central.list_sessions(account_id=account_id, lot_id="demo")
+    assert found.state == "closed", found
+    return found.session_id
 
 
 def test_operator_sees_revenue_and_refunds_a_stay_from_the_money_page(
-    live: LiveService, chromium: Any, tmp_path: Path
+    live: LiveService, lot: SimLot, chromium: Any, tmp_path: Path
 ) -> None:
-    session_id = closed_stay(live, "alice")  # grace 0, ¥5.00 an hour started
+    session_id = closed_stay(lot, "alice")  # grace 0, ¥5.00 an hour started
     page = chromium.new_page(viewport=LAPTOP)
     sign_in(page, live)
     page.click("nav >> text=Money")
