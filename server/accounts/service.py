@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from server.accounts import book
 from server.accounts.ledger import (
@@ -36,6 +36,7 @@ __all__ = [
     "create_account",
     "debt",
     "get_account",
+    "lock_account",
     "require_account",
     "set_blocked",
     "topup",
@@ -51,6 +52,21 @@ def require_account(db: Session, account_id: str) -> Account:
     if account is None:
         raise NotFoundError(f"account {account_id!r} not found")
     return account
+
+
+def lock_account(db: Session, account_id: str) -> Account | None:
+    """The account's row, locked until the transaction ends and re-read.
+
+    Whatever spends or credits a wallet takes this lock (after the stay's, if it has one)
+    before reading the balance it decides on: on PostgreSQL two spenders of one wallet
+    then wait for each other instead of both seeing the same money.
+    """
+    return db.exec(
+        select(Account)
+        .where(col(Account.account_id) == account_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).first()
 
 
 def balance(db: Session, account_id: str, currency: str) -> int:
@@ -146,10 +162,12 @@ def topup(
     the ledger transactions and the stored answer go in one transaction.
     """
     request_hash = _request_hash(account_id, amount_minor)
+    account = lock_account(db, account_id)  # then debts are collected from a settled balance
+    if account is None:
+        raise NotFoundError(f"account {account_id!r} not found")
     existing = db.get(TopupRequest, (account_id, idempotency_key))
     if existing is not None:
         return _replay(existing, request_hash)
-    account = require_account(db, account_id)
     transaction_id = book.post(
         db,
         kind="topup",

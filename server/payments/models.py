@@ -13,6 +13,7 @@ from server.db import UTCDateTime
 from server.pricing.models import LineItemRead, TariffInput
 
 __all__ = [
+    "MAX_TIME_OFF_MINUTES",
     "CardSet",
     "IdempotencyRecord",
     "Payment",
@@ -217,8 +218,13 @@ class PermitRead(BaseModel):
     created_at: datetime
 
 
+MAX_TIME_OFF_MINUTES = 366 * 24 * 60
+"""The most minutes one ``time_off`` validation takes off (a year; pricing clamps anyway)."""
+
+
 class ValidationCreate(BaseModel):
-    """A merchant's validation: minutes off, an amount off, or a percentage off."""
+    """A merchant's validation: minutes off (at most 366 days), an amount off, or a
+    percentage off."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -228,9 +234,11 @@ class ValidationCreate(BaseModel):
     merchant: Text
 
     @model_validator(mode="after")
-    def _percent(self) -> "ValidationCreate":
+    def _bounded(self) -> "ValidationCreate":
         if self.kind == "percent_off" and self.value > 100:
             raise ValueError("percent_off is at most 100")
+        if self.kind == "time_off" and self.value > MAX_TIME_OFF_MINUTES:
+            raise ValueError(f"time_off is at most {MAX_TIME_OFF_MINUTES} minutes (366 days)")
         return self
 
 

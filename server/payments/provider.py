@@ -3,7 +3,10 @@
 A provider answers *may we take this money* (authorise), *take it* (capture) and *give it
 back* (refund), each call carrying an idempotency key: repeating a call with the same key
 returns the first result, so a retry after a timeout or a redelivered exit never charges
-twice. Where the money sits in our ledger is the provider's ``source_account``.
+twice. A key is bound to the amount it was first used with: the same key with another
+amount is refused with :class:`PaymentKeyReused`, which says what the first attempt was for
+(Stripe answers such a request with an ``idempotency_error``; a real adapter then looks the
+first request up). Where the money sits in our ledger is the provider's ``source_account``.
 
 The :class:`SandboxCardProvider` behaves like a card network in test mode: the card token
 chooses the outcome (``tok_ok``, ``tok_decline``, ``tok_timeout``, ``tok_error``,
@@ -35,6 +38,7 @@ __all__ = [
     "PaymentDeclined",
     "PaymentError",
     "PaymentFailed",
+    "PaymentKeyReused",
     "PaymentProvider",
     "PaymentProviders",
     "PaymentTimeout",
@@ -63,6 +67,17 @@ class PaymentFailed(PaymentError):
     """The provider failed (an error answer, a failed capture or refund)."""
 
 
+class PaymentKeyReused(PaymentError):
+    """The idempotency key was first used with another amount, ``first``: nothing was done.
+
+    Retrying with the key and ``first`` gets the first attempt's result (or completes it).
+    """
+
+    def __init__(self, reason: str, first: Money) -> None:
+        super().__init__(reason)
+        self.first = first
+
+
 @dataclass(frozen=True, slots=True)
 class ChargeContext:
     """Who pays, with what: the DB session (the wallet reads its balance) and a card token."""
@@ -80,7 +95,8 @@ class Authorisation:
 
 
 class PaymentProvider(Protocol):
-    """One way to pay. Implementations must honour idempotency keys (see module doc)."""
+    """One way to pay. Implementations must honour idempotency keys, and refuse a key used
+    again with another amount with :class:`PaymentKeyReused` (see module doc)."""
 
     name: str
 
@@ -141,15 +157,16 @@ class SandboxCardProvider:
     """A card provider in test mode (in memory, thread-safe).
 
     ``mode`` forces every call's outcome (``None``: the token decides). ``timeout_after``
-    means the provider did the work but the answer was lost: a retry with the same key gets
-    the stored result.
+    means the provider did the work but the answer was lost: a capture is taken all the
+    same, and a retry with the same key (and amount) gets the stored result. A key used
+    again with another amount is refused, as Stripe does.
     """
 
     name: str = "card"
     mode: CardOutcome | None = None
     calls: list[tuple[str, str, str]] = field(default_factory=list)  # (operation, key, outcome)
     _scripted: deque[CardOutcome] = field(default_factory=deque)
-    _results: dict[tuple[str, str], str] = field(default_factory=dict)
+    _results: dict[tuple[str, str], tuple[str, Money]] = field(default_factory=dict)
     _captured: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -161,12 +178,16 @@ class SandboxCardProvider:
     def source_account(self, account_id: str) -> str:
         return clearing_account(self.name)
 
-    def _call(self, operation: str, key: str, token: str | None) -> str:
+    def _call(self, operation: str, key: str, token: str | None, amount: Money) -> str:
         with self._lock:
             stored = self._results.get((operation, key))
             if stored is not None:
+                result, first = stored
+                if first != amount:
+                    self.calls.append((operation, key, "key_reused"))
+                    raise PaymentKeyReused(f"{operation}_key_reused", first)
                 self.calls.append((operation, key, "replayed"))
-                return stored
+                return result
             if self._scripted:
                 outcome: CardOutcome = self._scripted.popleft()
             elif self.mode is not None:
@@ -182,19 +203,20 @@ class SandboxCardProvider:
             if outcome in ("error", "decline"):
                 raise PaymentFailed(f"{operation}_failed")
             result = f"{operation[:3]}_{new_id()[:12]}"
-            self._results[(operation, key)] = result
+            self._results[(operation, key)] = (result, amount)
+            if operation == "capture":
+                self._captured[result] = amount.amount_minor  # taken, whether or not we hear
             if outcome == "timeout_after":
                 raise PaymentTimeout(f"{operation}_timeout")
             return result
 
     def authorise(self, ctx: ChargeContext, amount: Money, *, key: str) -> Authorisation:
-        return Authorisation(self.name, self._call("authorise", key, ctx.card_token), amount)
+        return Authorisation(
+            self.name, self._call("authorise", key, ctx.card_token, amount), amount
+        )
 
     def capture(self, ctx: ChargeContext, auth: Authorisation, *, key: str) -> str:
-        ref = self._call("capture", key, ctx.card_token)
-        with self._lock:
-            self._captured.setdefault(ref, auth.amount.amount_minor)
-        return ref
+        return self._call("capture", key, ctx.card_token, auth.amount)
 
     def void(self, ctx: ChargeContext, auth: Authorisation) -> None:
         with self._lock:
@@ -204,7 +226,7 @@ class SandboxCardProvider:
         with self._lock:
             if capture_ref not in self._captured:
                 raise PaymentFailed("refund_unknown_capture")
-        return self._call("refund", key, ctx.card_token)
+        return self._call("refund", key, ctx.card_token, amount)
 
     def captured_minor(self) -> int:
         """What the card network took in total (tests compare it with the clearing account)."""

@@ -160,7 +160,7 @@ def quote_open_session(
     parking = sessions.require_session(db, session_id)
     lot = lots.require_lot(db, parking.lot_id)
     at = parking.exited_at or now
-    stay, version = service.stay_price(db, lot, parking, at)
+    stay, version = service.stay_price(db, lot, parking, at, for_update=False)
     amount = stay.quote.amount
     return StayQuoteRead(
         session_id=session_id,

@@ -3,6 +3,12 @@
 Every function works inside the caller's transaction; the exit flow calls :func:`settle`
 inside the scan event's SAVEPOINT, so the payment, its postings and the processed-event
 record commit together.
+
+Concurrency: whatever moves a stay's money locks rows in one order, the stay's row, then
+the account's (``SELECT ... FOR UPDATE``), and reads what it decides on after locking. On
+PostgreSQL that serialises two settlements of one wallet, a payment in advance racing the
+exit scan, and two refunds of one stay; SQLite's ``BEGIN IMMEDIATE`` already serialises
+every writing transaction (and ignores ``FOR UPDATE``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from parking_protocol.types import Money
 from server.accounts import book
 from server.accounts.ledger import debt_account, payment_postings, refund_postings
 from server.accounts.models import Account
+from server.accounts.service import lock_account
 from server.audit import service as audit
 from server.errors import ConflictError, DomainError, NotFoundError, UnprocessableError
 from server.lots.models import Lot
@@ -48,6 +55,8 @@ from server.payments.provider import (
     PaymentDeclined,
     PaymentError,
     PaymentFailed,
+    PaymentKeyReused,
+    PaymentProvider,
     PaymentProviders,
 )
 from server.pricing import service as pricing
@@ -180,13 +189,34 @@ def permit_cover(
     tariff = None
     if permit.tariff_json is not None:
         tariff = TariffSpec.model_validate_json(permit.tariff_json).tariff(timezone)
-    return PermitCover(permit.permit_id, permit.valid_until, tariff)
+    return PermitCover(permit.permit_id, permit.valid_until, tariff, permit.valid_from)
+
+
+def _lock_stay(db: Session, session_id: str) -> ParkingSession | None:
+    """The stay's row, locked until the transaction ends and re-read (None: not stored)."""
+    return db.exec(
+        select(ParkingSession)
+        .where(col(ParkingSession.session_id) == session_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).first()
 
 
 def stay_price(
-    db: Session, lot: Lot, parking: ParkingSession, at: datetime
+    db: Session,
+    lot: Lot,
+    parking: ParkingSession,
+    at: datetime,
+    *,
+    for_update: bool = True,
 ) -> tuple[StayPrice, TariffVersion]:
-    """What ``parking`` costs if it ends at ``at``: tariff version at entry, permit, validations."""
+    """What ``parking`` costs if it ends at ``at``: tariff version at entry, permit, validations.
+
+    A stored stay is locked and re-read first, so a price about to be collected includes a
+    payment in advance that committed meanwhile; a preview passes ``for_update=False``.
+    """
+    if for_update and sa.inspect(parking).persistent:
+        _lock_stay(db, parking.session_id)  # refreshes ``parking`` in place
     version = pricing.version_at(db, lot.lot_id, parking.entered_at)
     tariff = pricing.tariff_of(version, lot.timezone)
     stay = price_stay(
@@ -253,6 +283,73 @@ def _record(
     return payment
 
 
+@dataclass(frozen=True, slots=True)
+class _Capture:
+    """Money a provider took under one key; ``refund_minor`` of it was given back at once."""
+
+    key: str
+    amount: Money
+    ref: str
+    refund_minor: int = 0
+    refund_ref: str | None = None
+
+
+def _authorise_and_capture(
+    provider: PaymentProvider, ctx: ChargeContext, amount: Money, key: str
+) -> str:
+    auth = provider.authorise(ctx, amount, key=key)
+    try:
+        return provider.capture(ctx, auth, key=key)
+    except (PaymentDeclined, PaymentFailed):
+        provider.void(ctx, auth)  # a timeout is not voided: the retry may find it captured
+        raise
+
+
+def _take(
+    provider: PaymentProvider, ctx: ChargeContext, amount: Money, key: str
+) -> tuple[list[_Capture], str, PaymentError | None]:
+    """Take ``amount`` under ``key``: (what was taken, the key of what was not, why not).
+
+    A provider key is bound to the amount first asked with it. If an earlier attempt
+    asked for another amount (its answer was lost, then the price moved), that attempt is
+    completed and booked at *its* amount (the provider may already have taken it, so the
+    ledger records what it really took), and the difference is taken under the next key,
+    ``key + "+"`` (which the same rule covers), or given back at once if the price fell.
+    A fresh key per amount instead would leave the first capture taken but never booked.
+    """
+    try:
+        return (
+            [_Capture(key, amount, _authorise_and_capture(provider, ctx, amount, key))],
+            key,
+            None,
+        )
+    except PaymentKeyReused as reused:
+        first = reused.first
+    except PaymentError as exc:
+        return [], key, exc
+    if first.currency != amount.currency:
+        return [], key, PaymentFailed("key_reused_in_another_currency")
+    try:
+        ref = _authorise_and_capture(provider, ctx, first, key)
+    except PaymentError as exc:
+        return [], key, exc
+    rest = amount.amount_minor - first.amount_minor
+    if rest == 0:
+        return [_Capture(key, first, ref)], key, None
+    if rest > 0:
+        more, failed_key, error = _take(
+            provider, ctx, amount.model_copy(update={"amount_minor": rest}), f"{key}+"
+        )
+        return [_Capture(key, first, ref), *more], failed_key, error
+    try:
+        refund_ref = provider.refund(
+            ctx, ref, first.model_copy(update={"amount_minor": -rest}), key=f"repriced:{key}"
+        )
+    except PaymentError as exc:
+        return [], key, exc  # nothing booked: a retry with the key finds both again
+    return [_Capture(key, first, ref, -rest, refund_ref)], key, None
+
+
 def settle(
     db: Session,
     providers: PaymentProviders,
@@ -272,65 +369,88 @@ def settle(
     ``check_replay=False`` skips looking for an earlier payment with the key (the exit flow
     already knows the event is new); the key's unique index still refuses a second one.
 
+    The stay's row, then the account's, are locked first (see the module doc). A stored
+    stay that was closed, or paid in advance, since the caller priced it is not charged:
+    ``unavailable`` (reason ``stay_changed``), so the caller asks for a retry.
+
     The provider gets the same key, so a capture whose answer was lost is found again
-    rather than repeated. Declined or failed: with ``allow_debt`` the stay becomes a debt,
-    otherwise nothing is recorded and the caller denies.
+    rather than repeated; if the price moved meanwhile, see :func:`_take`. Declined or
+    failed: with ``allow_debt`` what was not taken becomes a debt, otherwise nothing is
+    recorded and the caller denies.
     """
+    seen = db.get(ParkingSession, session_id)
+    priced = None if seen is None else (seen.state, seen.prepaid_minor, seen.prepaid_at)
+    stay = _lock_stay(db, session_id)
+    account = lock_account(db, account.account_id) or account
     if check_replay:
         existing = db.exec(select(Payment).where(Payment.idempotency_key == key)).first()
         if existing is not None:
             return _from_payment(existing)
+    method = method or account.payment_method
+    if stay is not None and (
+        stay.state != SessionState.OPEN
+        or (stay.state, stay.prepaid_minor, stay.prepaid_at) != priced
+    ):
+        return Settlement("unavailable", amount.amount_minor, method, reason="stay_changed")
     if amount.amount_minor <= 0:
         return Settlement("free", 0)
-    method = method or account.payment_method
     provider = providers.get(method)
     ctx = ChargeContext(db, account.account_id, account.card_token)
-    try:
-        auth = provider.authorise(ctx, amount, key=key)
-        try:
-            capture_ref = provider.capture(ctx, auth, key=key)
-        except (PaymentDeclined, PaymentFailed):
-            provider.void(ctx, auth)  # a timeout is not voided: the retry may find it captured
-            raise
-    except PaymentError as exc:
+    taken, failed_key, error = _take(provider, ctx, amount, key)
+    if error is not None and not allow_debt:
+        # Nothing is booked, even what was taken: a retry with ``key`` finds it again.
         status: Literal["declined", "unavailable"] = (
-            "declined" if isinstance(exc, PaymentDeclined) else "unavailable"
+            "declined" if isinstance(error, PaymentDeclined) else "unavailable"
         )
-        if not allow_debt:
-            return Settlement(status, amount.amount_minor, method, reason=exc.reason)
+        return Settlement(status, amount.amount_minor, method, reason=error.reason)
+    booked: list[Payment] = []
+    for capture in taken:
+        payment = _record(
+            db,
+            key=capture.key,
+            account_id=account.account_id,
+            lot_id=lot_id,
+            session_id=session_id,
+            method=method,
+            status="captured",
+            source=provider.source_account(account.account_id),
+            amount=capture.amount,
+            now=now,
+            provider_ref=capture.ref,
+        )
+        if capture.refund_minor:
+            _book_refund(
+                db,
+                provider,
+                payment,
+                capture.refund_minor,
+                provider_ref=capture.refund_ref,
+                reason="the price fell since this payment's first attempt",
+                actor="settle",
+                now=now,
+            )
+        booked.append(payment)
+    if error is not None:
+        owed = amount.amount_minor - sum(c.amount.amount_minor - c.refund_minor for c in taken)
         debt = _record(
             db,
-            key=key,
+            key=failed_key,
             account_id=account.account_id,
             lot_id=lot_id,
             session_id=session_id,
             method="debt",
             status="owed",
             source=debt_account(account.account_id),
-            amount=amount,
+            amount=amount.model_copy(update={"amount_minor": owed}),
             now=now,
         )
         return Settlement(
-            "owed", amount.amount_minor, "debt", debt.payment_id, debt.transaction_id, exc.reason
+            "owed", amount.amount_minor, "debt", debt.payment_id, debt.transaction_id, error.reason
         )
-    payment = _record(
-        db,
-        key=key,
-        account_id=account.account_id,
-        lot_id=lot_id,
-        session_id=session_id,
-        method=method,
-        status="captured",
-        source=provider.source_account(account.account_id),
-        amount=amount,
-        now=now,
-        provider_ref=capture_ref,
-    )
     if method == "card":
         _collect_by_card(db, providers, account, now)
-    return Settlement(
-        "paid", amount.amount_minor, method, payment.payment_id, payment.transaction_id
-    )
+    first = booked[0]
+    return Settlement("paid", amount.amount_minor, method, first.payment_id, first.transaction_id)
 
 
 def _collect_by_card(
@@ -418,9 +538,11 @@ def _prepay(
     key: str,
     now: datetime,
 ) -> Settlement:
-    if parking.state != SessionState.OPEN:
+    """Lock the stay, then check and price it: an exit that closed it meanwhile wins."""
+    stored = _lock_stay(db, parking.session_id)
+    if stored is None or stored.state != SessionState.OPEN:
         raise ConflictError(f"session {parking.session_id!r} is already closed")
-    stay, _version = stay_price(db, lot, parking, now)
+    stay, _version = stay_price(db, lot, stored, now)
     amount = Money(amount_minor=stay.due_minor, currency=stay.quote.amount.currency)
     settled = settle(
         db,
@@ -434,6 +556,7 @@ def _prepay(
         allow_debt=False,
         method=method,
     )
+    parking = stored  # the same object when it came from this session; fresh either way
     if settled.status == "declined":
         raise PaymentRequired(f"payment declined ({settled.reason}): top up or change the card")
     if settled.status == "unavailable":
@@ -510,7 +633,11 @@ def _refund(
     key: str,
     now: datetime,
 ) -> list[RefundRead]:
-    """Newest payment first, each back to where it came from."""
+    """Newest payment first, each back to where it came from; what is left to refund is
+    read after locking the stay and the account, so two refunds never give back the same
+    money."""
+    _lock_stay(db, parking.session_id)
+    lock_account(db, parking.account_id)
     paid = [p for p in session_payments(db, parking.session_id) if p.status == "captured"]
     done = refunded_minor(db, [p.payment_id for p in paid])
     refundable = sum(p.amount_minor - done.get(p.payment_id, 0) for p in paid)
@@ -539,51 +666,74 @@ def _refund(
             )
         except PaymentError as exc:
             raise PaymentUnavailable(f"refund not confirmed ({exc.reason}): try again") from exc
-        transaction_id = book.post(
+        refund = _book_refund(
             db,
-            kind="refund",
-            account_id=payment.account_id,
-            postings=refund_postings(
-                payment.lot_id, provider.source_account(payment.account_id), part
-            ),
-            currency=payment.currency,
-            reference=f"session:{parking.session_id}",
-            now=now,
-        )
-        refund = Refund(
-            refund_id=new_id(),
-            payment_id=payment.payment_id,
-            session_id=parking.session_id,
-            amount_minor=part,
-            currency=payment.currency,
-            reason=data.reason,
-            actor=data.actor,
+            provider,
+            payment,
+            part,
             provider_ref=provider_ref,
-            transaction_id=transaction_id,
-            created_at=now,
-        )
-        db.add(refund)
-        db.flush()
-        audit.record(
-            db,
-            actor=data.actor,
-            action="payment.refund",
-            target_type="session",
-            target_id=parking.session_id,
-            now=now,
             reason=data.reason,
-            details={
-                "refund_id": refund.refund_id,
-                "payment_id": payment.payment_id,
-                "method": payment.method,
-                "amount_minor": part,
-                "currency": payment.currency,
-                "transaction_id": transaction_id,
-            },
+            actor=data.actor,
+            now=now,
         )
         refunds.append(refund_read(refund))
         wanted -= part
     return refunds
+
+
+def _book_refund(
+    db: Session,
+    provider: PaymentProvider,
+    payment: Payment,
+    part: int,
+    *,
+    provider_ref: str | None,
+    reason: str,
+    actor: str,
+    now: datetime,
+) -> Refund:
+    """Post and record ``part`` of ``payment`` given back by its provider; audited."""
+    transaction_id = book.post(
+        db,
+        kind="refund",
+        account_id=payment.account_id,
+        postings=refund_postings(payment.lot_id, provider.source_account(payment.account_id), part),
+        currency=payment.currency,
+        reference=f"session:{payment.session_id}",
+        now=now,
+    )
+    refund = Refund(
+        refund_id=new_id(),
+        payment_id=payment.payment_id,
+        session_id=payment.session_id,
+        amount_minor=part,
+        currency=payment.currency,
+        reason=reason,
+        actor=actor,
+        provider_ref=provider_ref,
+        transaction_id=transaction_id,
+        created_at=now,
+    )
+    db.add(refund)
+    db.flush()
+    audit.record(
+        db,
+        actor=actor,
+        action="payment.refund",
+        target_type="session",
+        target_id=payment.session_id or "",
+        now=now,
+        reason=reason,
+        details={
+            "refund_id": refund.refund_id,
+            "payment_id": payment.payment_id,
+            "method": payment.method,
+            "amount_minor": part,
+            "currency": payment.currency,
+            "transaction_id": transaction_id,
+        },
+    )
+    return refund
 
 
 def refund_read(refund: Refund) -> RefundRead:

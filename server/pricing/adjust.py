@@ -2,11 +2,14 @@
 
 Pure, like the engine. The order is fixed and shown in the line items:
 
-1. a permit valid at entry makes the stay free up to the permit's end (time after it is
-   priced as a stay starting then), or prices the stay with the permit's own tariff;
+1. a permit valid at entry makes the time inside its window free, or priced with the
+   permit's own tariff; time outside the window is priced by the lot's tariff as a stay
+   of its own (before: a stay ending when the permit starts; after: one starting when it
+   ends);
 2. a payment in advance followed by an exit within the tariff's exit grace prices the stay
    as if it ended at the payment;
-3. time off shortens the stay; then percent off; then amount off (never below zero);
+3. time off shortens the stay (at most to nothing); then percent off; then amount off
+   (never below zero);
 4. what was already paid in advance is subtracted: ``due`` is what the exit must collect.
 
 >>> from datetime import UTC, datetime, timedelta
@@ -47,11 +50,13 @@ class Discount:
 
 @dataclass(frozen=True, slots=True)
 class PermitCover:
-    """A permit valid at entry: free until ``valid_until``, or its own tariff."""
+    """A permit: free from ``valid_from`` (None: always was) until ``valid_until``, or its
+    own tariff in that window."""
 
     permit_id: str
     valid_until: datetime
     tariff: Tariff | None = None
+    valid_from: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,27 @@ class StayPrice:
 def _with(quote: Quote, amount_minor: int, *items: LineItem) -> Quote:
     money = quote.amount.model_copy(update={"amount_minor": amount_minor})
     return Quote(money, quote.duration, quote.line_items + items)
+
+
+def _permit_quote(
+    tariff: Tariff, permit: PermitCover, entry_at: datetime, exit_at: datetime
+) -> Quote:
+    """The stay with a permit: its window free or at its tariff, the rest at ``tariff``."""
+    start = entry_at if permit.valid_from is None else max(entry_at, permit.valid_from)
+    end = min(exit_at, permit.valid_until)
+    until = f"until {permit.valid_until:%Y-%m-%d %H:%M} UTC"
+    if permit.tariff is None:
+        items: tuple[LineItem, ...] = (LineItem(f"Permit {permit.permit_id} {until}", 1, 0),)
+    else:
+        items = (LineItem(f"Permit {permit.permit_id} tariff {until}", 1, 0),)
+        if start < end:
+            items += price(permit.tariff, start, end).line_items
+    if entry_at < start:
+        items = price(tariff, entry_at, min(start, exit_at)).line_items + items
+    if exit_at > permit.valid_until:
+        items += price(tariff, max(permit.valid_until, entry_at), exit_at).line_items
+    total = sum(item.amount_minor for item in items)
+    return Quote(tariff.money(total), max(exit_at - entry_at, timedelta(0)), items)
 
 
 def price_stay(
@@ -87,24 +113,13 @@ def price_stay(
         )
     minutes_off = sum(d.value for d in discounts if d.kind == "time_off")
     if minutes_off:
-        exit_for_price = max(entry_at, exit_for_price - timedelta(minutes=minutes_off))
+        # At most the whole stay: a huge value would take the datetime out of range.
+        stay_minutes = -(-max(exit_for_price - entry_at, timedelta(0)) // timedelta(minutes=1))
+        off = timedelta(minutes=min(minutes_off, stay_minutes))
+        exit_for_price = max(entry_at, exit_for_price - off)
 
-    if permit is not None and permit.tariff is not None:
-        quote = price(permit.tariff, entry_at, exit_for_price)
-        quote = _with(
-            quote, quote.amount.amount_minor, LineItem(f"Permit {permit.permit_id} tariff", 1, 0)
-        )
-    elif permit is not None:
-        note = LineItem(
-            f"Permit {permit.permit_id} until {permit.valid_until:%Y-%m-%d %H:%M} UTC", 1, 0
-        )
-        if exit_for_price <= permit.valid_until:
-            quote = Quote(tariff.money(0), max(exit_at - entry_at, timedelta(0)), (note,))
-        else:
-            after = price(tariff, permit.valid_until, exit_for_price)
-            quote = Quote(
-                after.amount, max(exit_at - entry_at, timedelta(0)), (note, *after.line_items)
-            )
+    if permit is not None:
+        quote = _permit_quote(tariff, permit, entry_at, exit_for_price)
     else:
         quote = price(tariff, entry_at, exit_for_price)
     if exit_for_price != exit_at:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from server.payments.models import MAX_TIME_OFF_MINUTES
 from server.pricing.adjust import Discount, PermitCover, price_stay
 from server.pricing.engine import Tariff
 
@@ -54,11 +55,36 @@ def test_a_permit_makes_the_stay_free_until_it_ends() -> None:
     assert stay(7, permit=permit) == (1000, 1000)
 
 
-def test_a_permit_with_its_own_tariff_prices_the_whole_stay_with_it() -> None:
-    cheap = Tariff(increment_minor=100)
-    permit = PermitCover("P2", valid_until=ENTRY + timedelta(days=30), tariff=cheap)
+def test_a_permit_makes_only_its_window_free() -> None:
+    permit = PermitCover(
+        "P1", valid_until=ENTRY + timedelta(hours=5), valid_from=ENTRY + timedelta(hours=1)
+    )
 
-    assert stay(3, permit=permit) == (300, 300)
+    assert stay(4, permit=permit) == (500, 500)  # the hour before it started
+
+
+def test_a_permit_tariff_prices_the_time_inside_its_window_and_the_lot_tariff_the_rest() -> None:
+    cheap = Tariff(increment_minor=100)
+    month = PermitCover("P2", valid_until=ENTRY + timedelta(days=30), tariff=cheap)
+    ends = PermitCover("P3", valid_until=ENTRY + timedelta(hours=2), tariff=cheap)
+
+    assert stay(3, permit=month) == (300, 300)
+    assert stay(5, permit=ends) == (2 * 100 + 3 * 500, 1700)  # 3 h after it ended: lot rate
+
+    window = PermitCover(
+        "P4",
+        valid_until=ENTRY + timedelta(hours=3),
+        tariff=cheap,
+        valid_from=ENTRY + timedelta(hours=1),
+    )
+    assert stay(4, permit=window) == (500 + 2 * 100 + 500, 1200)
+    assert stay(1, permit=window) == (500, 500)  # left before it started
+
+
+def test_time_off_takes_at_most_the_whole_stay() -> None:
+    huge = (Discount("time_off", 10**9, "legacy"), Discount("time_off", 10**9, "legacy"))
+
+    assert stay(3, discounts=huge) == (0, 0)
 
 
 def test_leaving_within_the_exit_grace_after_paying_costs_nothing_more() -> None:
@@ -101,3 +127,26 @@ def test_adjustments_never_make_a_stay_negative_or_dearer(
 
     assert 0 <= adjusted.quote.amount.amount_minor <= plain
     assert adjusted.due_minor == max(adjusted.quote.amount.amount_minor - prepaid, 0)
+
+
+@given(
+    st.integers(0, 3 * 366 * 24 * 60),
+    st.lists(st.integers(1, MAX_TIME_OFF_MINUTES) | st.integers(1, 10**9), min_size=1, max_size=5),
+    st.integers(0, 60),
+)
+def test_pricing_never_fails_for_any_time_off_the_api_accepts_or_once_accepted(
+    minutes: int, offs: list[int], prepaid_minutes_before_exit: int
+) -> None:
+    exit_at = ENTRY + timedelta(minutes=minutes)
+    result = price_stay(
+        TARIFF,
+        ENTRY,
+        exit_at,
+        permit=PermitCover("P", valid_until=ENTRY + timedelta(days=1), tariff=TARIFF),
+        discounts=tuple(Discount("time_off", m, "r") for m in offs),
+        prepaid_minor=500,
+        prepaid_at=exit_at - timedelta(minutes=prepaid_minutes_before_exit),
+    )
+
+    plain = price_stay(TARIFF, ENTRY, exit_at).quote.amount.amount_minor
+    assert 0 <= result.quote.amount.amount_minor <= plain
