@@ -30,7 +30,7 @@ from server.metrics import install_metrics
 from server.panel.app import install_panel, start_panel
 from server.payments import router as payments_router
 from server.pricing import router as pricing_router
-from server.readcache import ForgetOnWrite
+from server.readcache import CachedReads, ForgetOnWrite, ReadCache, TokenCache
 from server.sessions import router as sessions_router
 
 __all__ = ["create_app"]
@@ -106,7 +106,12 @@ def create_app(
         if central is not None:
             central.forget_cached_reads()
 
+    def caches() -> tuple[ReadCache, TokenCache] | None:
+        central: Central | None = getattr(app.state, "central", None)
+        return None if central is None else (central.reads, central.tokens)
+
     app.add_middleware(ForgetOnWrite, forget=forget_cached_reads)
+    app.add_middleware(CachedReads, caches=caches)  # outermost: a hit skips the whole stack
     return app
 
 

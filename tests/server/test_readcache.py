@@ -205,3 +205,30 @@ async def test_a_token_revoked_in_another_process_stops_working_within_the_ttl(
         assert time.monotonic() - started < TTL_S + 1.0, "a revoked token outlived the ttl"
         await asyncio.sleep(0.05)
     assert (await client.get("/api/v1/lots", headers=other)).status_code == 401
+
+
+async def test_the_cached_fast_path_answers_only_known_tokens(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    lot = {"lot_id": "lot1", "name": "Main", "capacity": 10}
+    assert (await client.post("/api/v1/lots", json=lot)).status_code == 201
+    created = await client.post("/api/v1/tokens", json={"name": "wall", "role": "viewer"})
+    secret, token_id = created.json()["token"], created.json()["token_id"]
+    viewer = {"Authorization": f"Bearer {secret}"}
+    first = await client.get("/api/v1/lots/lot1", headers=viewer)
+    reads = central_of(app).reads
+    hits = reads.hits
+    again = await client.get("/api/v1/lots/lot1", headers=viewer)
+    assert reads.hits == hits + 1  # answered from the cache
+    assert again.json() == first.json()
+    assert again.headers["content-type"] == "application/json"
+
+    # Neither anonymous nor a wrong token gets the cached body.
+    assert (await client.get("/api/v1/lots/lot1", headers={"Authorization": ""})).status_code == 401
+    wrong = {"Authorization": "Bearer qrp_not-a-token-at-all-0123456789"}
+    assert (await client.get("/api/v1/lots/lot1", headers=wrong)).status_code == 401
+    # Revoked here: refused at once, although the lot's body is still cached.
+    assert (await client.delete(f"/api/v1/tokens/{token_id}")).status_code == 204
+    assert (await client.get("/api/v1/lots/lot1", headers=viewer)).status_code == 401
+    assert (await client.get("/api/v1/lots/nope", headers=viewer)).status_code == 401
+    assert (await client.get("/api/v1/lots/nope")).status_code == 404
