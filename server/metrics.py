@@ -88,7 +88,9 @@ class _StateCollector(Collector):
         occupancy = GaugeMetricFamily(
             "qrpark_lot_occupancy", "Open parking sessions per lot", labels=["lot"]
         )
-        dead = GaugeMetricFamily("qrpark_dead_letters", "Events the service could not process")
+        dead = GaugeMetricFamily(
+            "qrpark_dead_letters", "Events the service could not process, not yet resolved"
+        )
         try:
             with self._central.engine.connect() as conn:
                 for state, count in conn.execute(
@@ -107,7 +109,12 @@ class _StateCollector(Collector):
                 ):
                     occupancy.add_metric([str(lot)], int(count))
                 dead.add_metric(
-                    [], int(conn.execute(sa.text("select count(*) from dead_letters")).scalar_one())
+                    [],
+                    int(
+                        conn.execute(
+                            sa.text("select count(*) from dead_letters where resolved_at is null")
+                        ).scalar_one()
+                    ),
                 )
         except sa.exc.SQLAlchemyError as exc:  # a scrape must not fail because the DB did
             log.warning("metrics: database unavailable: %s", exc)

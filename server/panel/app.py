@@ -12,6 +12,7 @@ from sqlmodel import Session
 from server.auth.models import SessionKind
 from server.auth.web import AccessDenied, CsrfRefused, LoginRequired, current_operator
 from server.central import Central
+from server.panel.dead_letters import router as dead_letters_router
 from server.panel.money import router as money_router
 from server.panel.permits import router as permits_router
 from server.panel.router import router
@@ -28,6 +29,7 @@ def install_panel(app: FastAPI) -> None:
     app.include_router(tariffs_router)
     app.include_router(money_router)
     app.include_router(permits_router)
+    app.include_router(dead_letters_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(LoginRequired)

@@ -48,11 +48,12 @@ from server.auth.web import (
     current_operator,
     set_cookie,
 )
+from server.central import Central
 from server.deps import CentralDep, NowDep, SessionDep
 from server.errors import ConflictError, NotFoundError, UnprocessableError
 from server.gateways.models import Gate, GatewayStatusRecord
 from server.lots import service as lots
-from server.panel import actions, queries, service
+from server.panel import actions, alarms, queries, service
 from server.panel.amounts import check_year
 from server.panel.deps import PanelDep
 from server.panel.templating import render
@@ -249,9 +250,19 @@ def logout(request: Request, operator: ViewerWriter, db: SessionDep, now: NowDep
 
 
 # -- dashboard and live feed ----------------------------------------------------------------------
-def _dashboard_json(db: Session, now: datetime) -> dict[str, Any]:
+def _alarms_json(found: alarms.Alarms) -> dict[str, Any]:
+    return {
+        "raised": found.raised,
+        "dead_letters": found.dead_letters,
+        "events_missing": found.events_missing,
+        "gates_missing": len(found.gaps),
+    }
+
+
+def _dashboard_json(db: Session, now: datetime, central: Central) -> dict[str, Any]:
     return {
         "at": now.isoformat(),
+        "alarms": _alarms_json(alarms.alarms(db, central)),
         "lots": [
             {
                 "lot_id": view.lot.lot_id,
@@ -287,12 +298,15 @@ def dashboard(
         operator,
         lots=service.dashboard(db, now),
         recent=list(reversed(recent))[:30],
+        alarms=alarms.alarms(db, panel.central),
     )
 
 
 @router.get("/api/dashboard")
-def dashboard_json(operator: ViewerDep, db: SessionDep, now: NowDep) -> dict[str, Any]:
-    return _dashboard_json(db, now)
+def dashboard_json(
+    operator: ViewerDep, db: SessionDep, now: NowDep, central: CentralDep
+) -> dict[str, Any]:
+    return _dashboard_json(db, now, central)
 
 
 @router.get("/api/events", response_class=StreamingResponse)

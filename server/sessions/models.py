@@ -147,6 +147,10 @@ class DeadLetter(SQLModel, table=True):
     payload: bytes = Field(sa_type=sa.LargeBinary)
     error: str = Field(sa_type=sa.Text)
     created_at: datetime = Field(sa_type=UTCDateTime)
+    # Set once an operator has dealt with it (the panel; audited as ``dead_letter.resolve``).
+    resolved_at: datetime | None = Field(default=None, sa_type=UTCDateTime, nullable=True)
+    resolved_by: str | None = Field(default=None, max_length=100)
+    resolve_reason: str | None = Field(default=None, max_length=500)
 
 
 class SessionRead(BaseModel):

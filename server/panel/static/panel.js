@@ -37,7 +37,19 @@
     return li;
   }
 
+  function applyAlarms(alarms) {
+    const box = document.getElementById("alarms");
+    if (!box || !alarms) return;
+    box.hidden = !alarms.raised;
+    box.querySelector('[data-alarm="dead"]').hidden = !alarms.dead_letters;
+    box.querySelector('[data-field="dead-letters"]').textContent = alarms.dead_letters;
+    box.querySelector('[data-alarm="gaps"]').hidden = !alarms.gates_missing;
+    box.querySelector('[data-field="events-missing"]').textContent = alarms.events_missing;
+    box.querySelector('[data-field="gates-missing"]').textContent = alarms.gates_missing;
+  }
+
   function applyDashboard(data) {
+    applyAlarms(data.alarms);
     data.lots.forEach(function (lot) {
       const card = document.querySelector('[data-lot="' + CSS.escape(lot.lot_id) + '"]');
       if (!card) return;
