@@ -5,13 +5,16 @@ Ledger accounts (a positive balance is money held for that account):
 * ``wallet:{account}`` a driver's prepaid wallet;
 * ``debt:{account}`` what a driver owes (negative while owed);
 * ``revenue:lot:{lot}`` what a lot earned; ``refunds:lot:{lot}`` what it gave back;
-* ``external:topup`` money that arrived from outside into wallets;
-* ``clearing:{provider}`` money a payment provider collected for us (negative) or gave back.
+* ``external:topup`` money that arrived from outside into wallets (credited by an operator);
+* ``clearing:{provider}`` money a payment provider collected for us (negative) or gave back:
+  card charges for stays and card top-ups of wallets.
 
 Postings are only ever inserted; every balance is a sum of postings.
 
 >>> [(p.ledger_account, p.amount_minor) for p in topup_postings("alice", 1000)]
 [('wallet:alice', 1000), ('external:topup', -1000)]
+>>> [(p.ledger_account, p.amount_minor) for p in topup_postings("bo", 500, "clearing:card")]
+[('wallet:bo', 500), ('clearing:card', -500)]
 """
 
 from __future__ import annotations
@@ -74,12 +77,14 @@ def _positive(amount_minor: int, what: str) -> None:
         raise ValueError(f"a {what} must be positive")
 
 
-def topup_postings(account_id: str, amount_minor: int) -> tuple[PostingSpec, ...]:
-    """Money arriving from outside into the driver's wallet."""
+def topup_postings(
+    account_id: str, amount_minor: int, source: str = TOPUP_SOURCE
+) -> tuple[PostingSpec, ...]:
+    """Money arriving into the driver's wallet from ``source`` (outside, or a card's clearing)."""
     _positive(amount_minor, "top-up")
     return (
         PostingSpec(wallet_account(account_id), amount_minor),
-        PostingSpec(TOPUP_SOURCE, -amount_minor),
+        PostingSpec(source, -amount_minor),
     )
 
 

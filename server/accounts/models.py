@@ -111,6 +111,8 @@ class TopupRead(BaseModel):
     balance_minor: int
     collected_minor: int = 0  # debts paid off from this top-up
     created_at: datetime
+    method: str = "external"  # external (credited by an operator) | card (through a provider)
+    provider_ref: str | None = None  # the card provider's capture reference
 
 
 class CodeRead(BaseModel):

@@ -13,6 +13,7 @@ from sqlmodel import Session, col, select
 
 from server.accounts import book
 from server.accounts.ledger import (
+    TOPUP_SOURCE,
     charge_postings,
     debt_account,
     topup_postings,
@@ -33,13 +34,17 @@ __all__ = [
     "account_read",
     "balance",
     "charge",
+    "commit_topup",
     "create_account",
     "debt",
+    "find_topup",
     "get_account",
     "lock_account",
     "require_account",
     "set_blocked",
+    "stage_topup",
     "topup",
+    "topup_request_hash",
 ]
 
 
@@ -142,8 +147,11 @@ class TopupOutcome:
     replayed: bool
 
 
-def _request_hash(account_id: str, amount_minor: int) -> str:
-    body = json.dumps({"account_id": account_id, "amount_minor": amount_minor}, sort_keys=True)
+def topup_request_hash(account_id: str, amount_minor: int, **extra: str) -> str:
+    """What a top-up's Idempotency-Key is bound to: the account, the amount (and ``extra``)."""
+    body = json.dumps(
+        {"account_id": account_id, "amount_minor": amount_minor, **extra}, sort_keys=True
+    )
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -151,6 +159,14 @@ def _replay(existing: TopupRequest, request_hash: str) -> TopupOutcome:
     if existing.request_hash != request_hash:
         raise UnprocessableError("Idempotency-Key was already used with a different request body")
     return TopupOutcome(TopupRead.model_validate_json(existing.response_json), replayed=True)
+
+
+def find_topup(
+    db: Session, account_id: str, idempotency_key: str, request_hash: str
+) -> TopupOutcome | None:
+    """The stored answer to the key (a replay), None if the key is new; another body: 422."""
+    existing = db.get(TopupRequest, (account_id, idempotency_key))
+    return None if existing is None else _replay(existing, request_hash)
 
 
 def topup(
@@ -161,18 +177,43 @@ def topup(
     Debts (unpaid stays) are collected from the new balance, oldest first. Commits: the key,
     the ledger transactions and the stored answer go in one transaction.
     """
-    request_hash = _request_hash(account_id, amount_minor)
+    request_hash = topup_request_hash(account_id, amount_minor)
+    outcome = stage_topup(
+        db,
+        account_id,
+        amount_minor,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        now=now,
+    )
+    return commit_topup(db, outcome, idempotency_key=idempotency_key, request_hash=request_hash)
+
+
+def stage_topup(
+    db: Session,
+    account_id: str,
+    amount_minor: int,
+    *,
+    idempotency_key: str,
+    request_hash: str,
+    now: datetime,
+    source: str = TOPUP_SOURCE,
+    method: str = "external",
+    provider_ref: str | None = None,
+) -> TopupOutcome:
+    """Post ``source`` -> wallet, collect debts and store the answer, uncommitted (a replay if
+    the key was used): the caller adds what belongs with it and calls :func:`commit_topup`."""
     account = lock_account(db, account_id)  # then debts are collected from a settled balance
     if account is None:
         raise NotFoundError(f"account {account_id!r} not found")
-    existing = db.get(TopupRequest, (account_id, idempotency_key))
-    if existing is not None:
-        return _replay(existing, request_hash)
+    replay = find_topup(db, account_id, idempotency_key, request_hash)
+    if replay is not None:
+        return replay
     transaction_id = book.post(
         db,
         kind="topup",
         account_id=account_id,
-        postings=topup_postings(account_id, amount_minor),
+        postings=topup_postings(account_id, amount_minor, source),
         currency=account.currency,
         reference=f"topup:{idempotency_key}",
         now=now,
@@ -186,6 +227,8 @@ def topup(
         balance_minor=balance(db, account_id, account.currency),
         collected_minor=collected,
         created_at=now,
+        method=method,
+        provider_ref=provider_ref,
     )
     db.add(
         TopupRequest(
@@ -197,13 +240,23 @@ def topup(
             created_at=now,
         )
     )
+    return TopupOutcome(response, replayed=False)
+
+
+def commit_topup(
+    db: Session, outcome: TopupOutcome, *, idempotency_key: str, request_hash: str
+) -> TopupOutcome:
+    """Commit a staged top-up; if the same key raced in from another request, its answer is
+    the answer (this one's postings are rolled back)."""
+    if outcome.replayed:
+        return outcome
     try:
         db.commit()
     except IntegrityError:
-        # The same key raced in from another request: its answer is the answer.
         db.rollback()
-        raced = db.get(TopupRequest, (account_id, idempotency_key))
+        account_id = outcome.response.account_id
+        raced = find_topup(db, account_id, idempotency_key, request_hash)
         if raced is None:
             raise
-        return _replay(raced, request_hash)
-    return TopupOutcome(response, replayed=False)
+        return raced
+    return outcome

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -15,10 +15,11 @@ from urllib.parse import quote
 from fastapi import APIRouter, Form, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StringConstraints
 from pydantic import Field as PydanticField
 
 from server.accounts import service as accounts
+from server.accounts.models import Account, TopupRead
 from server.accounts.router import svg_qr
 from server.audit import service as audit
 from server.auth import service as auth
@@ -27,7 +28,6 @@ from server.auth.models import SessionKind
 from server.auth.web import (
     DRIVER_COOKIE,
     LOGIN_CSRF_COOKIE,
-    Driver,
     DriverDep,
     DriverWriter,
     check_csrf,
@@ -36,10 +36,13 @@ from server.auth.web import (
     current_driver,
     set_cookie,
 )
+from server.central import Central
 from server.deps import CentralDep, NowDep, SessionDep
-from server.idempotency import in_flight
+from server.idempotency import KEY_RESPONSES, in_flight
 from server.panel.deps import PanelDep
 from server.panel.templating import render
+from server.payments import topups
+from server.payments.provider import SandboxCardProvider
 from server.sessions import service as sessions
 
 __all__ = ["router"]
@@ -174,7 +177,8 @@ def driver_logout(request: Request, driver: DriverWriter, db: SessionDep, now: N
 
 @router.get("/driver", response_class=HTMLResponse)
 def driver_home(driver: DriverDep, db: SessionDep, central: CentralDep) -> HTMLResponse:
-    account = accounts.account_read(db, accounts.require_account(db, driver.account_id))
+    stored = accounts.require_account(db, driver.account_id)
+    account = accounts.account_read(db, stored)
     return render(
         "driver_app.html",
         directory=TEMPLATES,
@@ -182,8 +186,9 @@ def driver_home(driver: DriverDep, db: SessionDep, central: CentralDep) -> HTMLR
         csrf_token=driver.csrf_token,
         lifetime_s=central.settings.code_lifetime_s,
         refresh_before_s=min(10, max(2, central.settings.code_lifetime_s // 4)),
-        topup=central.settings.environment == "development",
         choices=TOPUP_CHOICES,
+        cards=_cards(central, stored),
+        sandbox=isinstance(central.flow_config.payments.card, SandboxCardProvider),
     )
 
 
@@ -221,11 +226,23 @@ async def driver_code(
 
 
 class DriverTopup(BaseModel):
+    """A card top-up: the amount, and the card (a provider token; omitted: the card on file)."""
+
     model_config = ConfigDict(extra="forbid")
     amount_minor: Annotated[int, PydanticField(gt=0, le=100_000, strict=True)]
+    card_token: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,100}$")] | None = None
 
 
-@router.post("/driver/api/topups", status_code=201)
+@router.post(
+    "/driver/api/topups",
+    status_code=201,
+    response_model=TopupRead,
+    responses={
+        402: {"description": "The card was declined: nothing was charged"},
+        503: {"description": "The card payment was not confirmed: retry with the same key"},
+        **KEY_RESPONSES,
+    },
+)
 def driver_topup(
     data: DriverTopup,
     driver: DriverWriter,
@@ -233,37 +250,33 @@ def driver_topup(
     central: CentralDep,
     idempotency_key: Annotated[str, Header(alias="Idempotency-Key", min_length=8, max_length=200)],
 ) -> JSONResponse:
-    """Development only: credit the wallet without a payment (no provider is wired here yet)."""
-    if central.settings.environment != "development":
-        return JSONResponse(
-            {"detail": "top up at the pay station; online top-up is not enabled here"},
-            status_code=403,
-        )
+    """Top up the wallet by card (the configured card provider), once per Idempotency-Key."""
     now = central.clock.now()
     scope = f"topup:{driver.account_id}"
     with in_flight(central.engine, db, scope=scope, key=idempotency_key, now=now):
-        return _driver_topup(db, driver, data, idempotency_key, now)
-
-
-def _driver_topup(
-    db: SessionDep, driver: Driver, data: DriverTopup, idempotency_key: str, now: datetime
-) -> JSONResponse:
-    outcome = accounts.topup(
-        db, driver.account_id, data.amount_minor, idempotency_key=idempotency_key, now=now
-    )
-    if not outcome.replayed:
-        audit.record(
+        outcome = topups.card_topup(
             db,
+            central.flow_config.payments,
+            account_id=driver.account_id,
+            amount_minor=data.amount_minor,
+            card_token=data.card_token,
+            idempotency_key=idempotency_key,
             actor=driver.actor,
-            action="account.topup",
-            target_type="account",
-            target_id=driver.account_id,
             now=now,
-            reason="driver page (development, no payment)",
-            details={"amount_minor": data.amount_minor, "key": idempotency_key[:64]},
         )
-        db.commit()
-    return JSONResponse(outcome.response.model_dump(mode="json"), status_code=201)
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
+    return JSONResponse(outcome.response.model_dump(mode="json"), status_code=201, headers=headers)
+
+
+def _cards(central: Central, account: Account) -> list[tuple[str, str]]:
+    """The cards the page offers: the card on file ("" = use it), then the sandbox's test cards."""
+    cards = []
+    if account.card_token:
+        cards.append(("", account.card_label or "Card on file"))
+    card = central.flow_config.payments.card
+    if isinstance(card, SandboxCardProvider):
+        cards.extend(card.TEST_CARDS)
+    return cards
 
 
 # -- the older page without sign-in ---------------------------------------------------------------

@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 from sqlmodel import Session
 
@@ -161,6 +161,15 @@ class SandboxCardProvider:
     same, and a retry with the same key (and amount) gets the stored result. A key used
     again with another amount is refused, as Stripe does.
     """
+
+    # The test cards a driver may choose on the driver page (token, label).
+    TEST_CARDS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("tok_ok", "Test card - approved"),
+        ("tok_decline", "Test card - declined"),
+        ("tok_timeout", "Test card - no answer"),
+        ("tok_error", "Test card - provider error"),
+        ("tok_capture_fail", "Test card - capture fails"),
+    )
 
     name: str = "card"
     mode: CardOutcome | None = None

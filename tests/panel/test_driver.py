@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-import httpx
-from fastapi import FastAPI
-from panel_support import central_of, form_token, page_token, signed_in
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+import httpx
+import pytest
+from fastapi import FastAPI
+from panel_support import ADMIN_PASSWORD, central_of, form_token, page_token, signed_in
+
+from parking_protocol.clock import FakeClock
 from parking_protocol.qr_token import verify_code
+from server.accounts.models import AccountCreate
 from server.audit import service as audit
+from server.auth import service as auth
+from server.config import ServerSettings
+from server.main import create_app
 
 
 async def driver_sign_in(
@@ -69,7 +78,7 @@ async def test_driver_tops_up_once_per_key_with_the_csrf_header(
 ) -> None:
     await driver_sign_in(client)
     token = page_token((await client.get("/driver")).text)
-    body = {"amount_minor": 5000}
+    body = {"amount_minor": 5000, "card_token": "tok_ok"}
 
     refused = await client.post(
         "/driver/api/topups", json=body, headers={"Idempotency-Key": "k-000001"}
@@ -130,3 +139,75 @@ async def test_driver_sign_out_needs_the_token_and_ends_the_session(
     assert (await client.post("/driver/logout")).status_code == 403
     assert (await client.post("/driver/logout", data={"csrf_token": token})).status_code == 303
     assert (await client.get("/driver/api/me")).status_code == 401
+
+
+async def test_the_page_offers_a_card_top_up_labelled_as_the_sandbox(
+    client: httpx.AsyncClient,
+) -> None:
+    await driver_sign_in(client)
+
+    home = (await client.get("/driver")).text
+
+    assert 'id="topup"' in home and 'data-topup="2000"' in home
+    assert '<option value="tok_ok">Test card - approved</option>' in home
+    assert "sandbox test mode: no real money is taken" in home
+    assert 'id="topup-result"' in home  # where the page shows the outcome
+    assert "no payment" not in home  # the free development top-up is gone
+
+
+async def test_a_declined_card_tells_the_driver_why_and_credits_nothing(
+    client: httpx.AsyncClient,
+) -> None:
+    await driver_sign_in(client)
+    token = page_token((await client.get("/driver")).text)
+
+    declined = await client.post(
+        "/driver/api/topups",
+        json={"amount_minor": 2000, "card_token": "tok_decline"},
+        headers={"Idempotency-Key": "k-000002", "X-CSRF-Token": token},
+    )
+
+    assert declined.status_code == 402
+    assert declined.json()["detail"].startswith("Card declined")
+    assert "nothing was charged" in declined.json()["detail"]
+    assert (await client.get("/driver/api/me")).json()["account"]["balance_minor"] == 10_000
+
+
+@pytest.fixture
+async def production(tmp_path: Path, clock: FakeClock) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in production (secure cookies: https), alice with a PIN and an empty wallet."""
+    settings = ServerSettings(
+        environment="production",
+        database_url=f"sqlite:///{tmp_path / 'prod.db'}",
+        key_file=tmp_path / "keys" / "signing.pem",
+        admin_password=ADMIN_PASSWORD,
+        mqtt_enabled=False,
+    )
+    app = create_app(settings, clock=clock)
+    async with app.router.lifespan_context(app):
+        central = central_of(app)
+        central.create_account(AccountCreate(account_id="alice", name="Alice Liddell"))
+        with central.db() as db:
+            auth.set_driver_pin(db, "alice", "2468", now=clock.now())
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="https://test") as http:
+            yield http
+
+
+async def test_in_production_the_driver_tops_up_by_card_on_the_page(
+    production: httpx.AsyncClient,
+) -> None:
+    assert (await driver_sign_in(production)).status_code == 303
+    home = (await production.get("/driver")).text
+    assert 'data-topup="5000"' in home and "Test card - approved" in home
+
+    response = await production.post(
+        "/driver/api/topups",
+        json={"amount_minor": 5000, "card_token": "tok_ok"},
+        headers={"Idempotency-Key": "prod-0001", "X-CSRF-Token": page_token(home)},
+    )
+
+    assert response.status_code == 201, response.text
+    assert response.json()["method"] == "card"
+    me = (await production.get("/driver/api/me")).json()
+    assert me["account"]["balance_minor"] == 5000

@@ -149,9 +149,14 @@ def audit_ledger(central: Central) -> None:
     )
     card_in = sum(p.amount_minor for p in payments if p.method == "card")
     card_back = sum(r.amount_minor for r in refunds if method_of[r.payment_id] == "card")
-    assert ledger.get(("clearing:card", "CNY"), 0) == -card_in + card_back
-    assert sandbox(central).captured_minor() == card_in
+    card_topups = sum(_topup_amount(t) for t in topups if _topup_method(t) == "card")
+    assert ledger.get(("clearing:card", "CNY"), 0) == -card_in + card_back - card_topups
+    assert sandbox(central).captured_minor() == card_in + card_topups
 
 
 def _topup_amount(request: TopupRequest) -> int:
     return TopupRead.model_validate_json(request.response_json).amount_minor
+
+
+def _topup_method(request: TopupRequest) -> str:
+    return TopupRead.model_validate_json(request.response_json).method

@@ -38,6 +38,11 @@
       const balance = document.getElementById("balance");
       balance.textContent = money(me.account.balance_minor, me.account.currency);
       balance.classList.toggle("neg", me.account.balance_minor < 0);
+      const debt = document.getElementById("debt");
+      if (debt) {
+        debt.hidden = !(me.account.debt_minor > 0);
+        debt.textContent = "You owe " + money(me.account.debt_minor || 0, me.account.currency) + ": it is paid from your next top-up.";
+      }
       const list = document.getElementById("history");
       list.textContent = "";
       if (!me.sessions.length) {
@@ -93,19 +98,73 @@
     return String(Date.now()) + "-" + Math.random().toString(36).slice(2);
   }
 
+  function showTopup(text, failed) {
+    const result = document.getElementById("topup-result");
+    if (!result) return;
+    result.textContent = text || "";
+    result.className = failed ? "alert" : "hint";
+    result.hidden = !text;
+  }
+
+  function problem(body, status) {
+    if (body && typeof body.detail === "string") return body.detail;
+    return "Top-up refused (HTTP " + status + "): nothing was charged.";
+  }
+
+  // One key per top-up attempt: a retry of the same amount and card after a lost or
+  // unconfirmed answer reuses it, so the card is never charged twice.
+  let pending = null;
+
+  async function topup(button) {
+    const amount = Number(button.dataset.topup);
+    const select = document.getElementById("topup-card");
+    const card = select ? select.value : "";
+    if (!pending || pending.amount !== amount || pending.card !== card) {
+      pending = { amount: amount, card: card, key: newKey() };
+    }
+    const body = { amount_minor: amount };
+    if (card) body.card_token = card;
+    document.querySelectorAll("[data-topup]").forEach(function (b) { b.disabled = true; });
+    showTopup("Charging the card\u2026", false);
+    try {
+      // Unconfirmed (503), still in flight (409) or no answer: ask again with the same key.
+      for (let attempt = 0; attempt < 3; attempt++) {
+        if (attempt) await new Promise(function (done) { setTimeout(done, 1500 * attempt); });
+        let r;
+        try {
+          r = await fetch("/driver/api/topups", {
+            method: "POST", credentials: "same-origin",
+            headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf, "Idempotency-Key": pending.key },
+            body: JSON.stringify(body),
+          });
+        } catch (e) {
+          showTopup("No answer from the server. Tap again to retry: you will not be charged twice.", true);
+          continue;
+        }
+        if (r.status === 401) { location.href = "/driver/login"; return; }
+        let answer = null;
+        try { answer = await r.json(); } catch (e) { answer = null; }
+        if (r.ok && answer) {
+          pending = null;
+          let text = "Added " + money(answer.amount_minor, answer.currency) + " by card.";
+          if (answer.collected_minor > 0) text += " " + money(answer.collected_minor, answer.currency) + " of it paid what you owed.";
+          showTopup(text, false);
+          return;
+        }
+        showTopup(problem(answer, r.status), true);
+        if (r.status !== 503 && r.status !== 409) { pending = null; return; }  // a definite answer
+      }
+    } finally {
+      document.querySelectorAll("[data-topup]").forEach(function (b) { b.disabled = false; });
+      refreshMe();
+    }
+  }
+
   document.querySelectorAll("[data-topup]").forEach(function (button) {
-    button.addEventListener("click", async function () {
-      button.disabled = true;
-      try {
-        const r = await fetch("/driver/api/topups", {
-          method: "POST", credentials: "same-origin",
-          headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf, "Idempotency-Key": newKey() },
-          body: JSON.stringify({ amount_minor: Number(button.dataset.topup) }),
-        });
-        if (!r.ok) showStatus("Top-up failed (" + r.status + ")");
-      } finally { button.disabled = false; refreshMe(); }
-    });
+    button.addEventListener("click", function () { topup(button); });
   });
+  const topupForm = document.getElementById("topup");
+  if (topupForm) topupForm.addEventListener("submit", function (e) { e.preventDefault(); });
 
   const balance = document.getElementById("balance");
   balance.textContent = money(Number(balance.textContent), balance.dataset.currency);
