@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -250,6 +251,22 @@ class World:
         central.engine.dispose()
         self.counters["fault: central crash"] += 1
 
+    async def power_loss(self, lane: SimLaneWorld) -> None:
+        """The gateway loses power wherever it is: no goodbye, its will is published, what
+        its outbox had committed survives on disk. The barrier's own controller keeps the
+        arm where it was (and its loop detector keeps it up over a car)."""
+        gateway, task = lane.gateway, lane.task
+        if gateway is None or task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if lane.transport is not None:
+            lane.transport.crash()
+        gateway.outbox.close()
+        lane.gateway, lane.task, lane.transport = None, None, None
+        self.counters["fault: gateway power loss"] += 1
+
     def provision(self) -> None:
         central = self.central
         assert central is not None
@@ -403,7 +420,7 @@ class World:
             await asyncio.sleep(self.rng.expovariate(1 / 300))
             if self.loop.time() >= until:
                 return
-            kind = self.rng.choice(["partition", "partition", "broker", "central"])
+            kind = self.rng.choice(["partition", "partition", "broker", "central", "gateway"])
             if kind == "partition":
                 lane = self.rng.choice(self.lanes)
                 client = lane.settings.client_id
@@ -416,6 +433,11 @@ class World:
                 self.counters["fault: broker restart"] += 1
                 await asyncio.sleep(self.rng.uniform(2, self.config.max_fault_s / 3))
                 await self.broker.restart()
+            elif kind == "gateway":
+                lane = self.rng.choice(self.lanes)
+                await self.power_loss(lane)
+                await asyncio.sleep(self.rng.uniform(5, self.config.max_fault_s / 6))
+                await self.start_gateway(lane)
             else:
                 self.crash_central()
                 await asyncio.sleep(self.rng.uniform(1, self.config.max_fault_s / 6))
