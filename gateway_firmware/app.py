@@ -35,6 +35,7 @@ from gateway_firmware.core.lane import (
     CloseGate,
     CodeDecoded,
     CommandReceived,
+    CommandRecord,
     DecisionTimeout,
     Lane,
     LaneInput,
@@ -92,6 +93,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# How many recent command ids a gateway remembers the answers to (in memory and on disk).
+COMMAND_MEMORY = 512
+
 
 @dataclass
 class Hardware:
@@ -144,6 +148,8 @@ class GatewayStats:
     commands_received: int = 0
     commands_executed: int = 0
     commands_refused: int = 0
+    # Redelivered command ids: answered again as the first time, not executed again.
+    commands_repeated: int = 0
     acks: int = 0
     offline_decisions: int = 0
     # The service answered an event late, differently from the lane's offline decision.
@@ -310,38 +316,44 @@ class Gateway:
         """Hand one input to the lane at ``clock.now()`` and carry out its actions."""
         actions = self.lane.handle(event, self.clock.now())
         if isinstance(event, CommandReceived):
-            reply = next(
-                (
-                    a
-                    for a in actions
-                    if isinstance(a, SendReply) and a.command_id == event.command.command_id
-                ),
-                None,
-            )
-            if reply is not None and reply.outcome in (
-                CommandOutcome.REJECTED,
-                CommandOutcome.EXPIRED,
-            ):
-                self.stats.commands_refused += 1
-                log.info("refused command %s: %s", event.command.command_id, reply.detail)
-            else:
-                self.stats.commands_executed += 1
-                command = event.command
-                log.info(
-                    "command %s: %s (%s)",
-                    command.command_id,
-                    command.action.value,
-                    command.reason.value,
-                    extra={
-                        "event_id": command.event_id,
-                        "action": command.action.value,
-                        "reason": command.reason.value,
-                    },
-                )
+            self._count_command(event.command, actions)
         self._apply(actions)
         return actions
 
+    def _count_command(self, command: GateCommand, actions: list[Action]) -> None:
+        reply = next(
+            (a for a in actions if isinstance(a, SendReply) and a.command_id == command.command_id),
+            None,
+        )
+        if reply is not None and reply.repeat:
+            self.stats.commands_repeated += 1
+            log.info("command %s again: answered %s again", command.command_id, reply.outcome.value)
+        elif reply is not None and reply.outcome in (
+            CommandOutcome.REJECTED,
+            CommandOutcome.EXPIRED,
+        ):
+            self.stats.commands_refused += 1
+            log.info("refused command %s: %s", command.command_id, reply.detail)
+        else:
+            self.stats.commands_executed += 1
+            log.info(
+                "command %s: %s (%s)",
+                command.command_id,
+                command.action.value,
+                command.reason.value,
+                extra={
+                    "event_id": command.event_id,
+                    "action": command.action.value,
+                    "reason": command.reason.value,
+                },
+            )
+
     def _apply(self, actions: list[Action]) -> None:
+        # Write-ahead: a command's answer is on disk before the barrier moves, so a
+        # redelivery after a crash or restart is answered the same and never acts twice.
+        for action in actions:
+            if isinstance(action, SendReply) and not action.repeat:
+                self._save_answer(action)
         for action in actions:
             match action:
                 case PublishEvent():
@@ -379,6 +391,15 @@ class Gateway:
                     pass  # the tick loop checks the lane's deadlines
                 case SendReply():
                     self._spawn(self._reply(action))
+
+    def _save_answer(self, reply: SendReply) -> None:
+        try:
+            self.outbox.save_command_answer(
+                reply.command_id, reply.outcome, reply.detail, keep=self.lane.command_memory
+            )
+        except Exception as exc:  # the disk: the lane still remembers it until a restart
+            self.stats.last_error = f"outbox: {exc}"
+            log.exception("saving the answer to command %s failed", reply.command_id)
 
     def _event(self, action: PublishEvent, seq: int, boot: int) -> ScanEvent:
         return ScanEvent(
@@ -627,6 +648,7 @@ def build_gateway(
         allow=settings.offline.allows(settings.direction),
         nonce_capacity=settings.nonce_cache_size,
     )
+    outbox = outbox if outbox is not None else Outbox(settings.outbox_file)
     lane = Lane(
         lot_id=settings.lot_id,
         gate_id=settings.gate_id,
@@ -635,8 +657,14 @@ def build_gateway(
         open_hold=_seconds(timeouts.open_hold_s),
         scan_only_when_present=settings.scan_only_when_present,
         id_factory=id_factory,
+        seen_commands=COMMAND_MEMORY,
+        # The answers given before a restart too: a redelivered command gets the same
+        # answer and is not executed again.
+        known_commands=[
+            CommandRecord(command_id, outcome, detail)
+            for command_id, outcome, detail in outbox.load_command_answers(COMMAND_MEMORY)
+        ],
     )
-    outbox = outbox if outbox is not None else Outbox(settings.outbox_file)
     list_id, denied = outbox.load_denylist()
     if list_id is not None:
         verifier.update_denylist(denied)

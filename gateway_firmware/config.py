@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -34,6 +34,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -57,6 +58,7 @@ __all__ = [
     "OfflinePolicy",
     "TimeoutSettings",
     "load_settings",
+    "pin_identity",
 ]
 
 ENV_PREFIX = "QRPARK_GW_"
@@ -112,8 +114,43 @@ class DecodeSettings(_Section):
         return value
 
 
+# The Pi's 40-pin header (J8, every model since the B+): physical pin -> BCM GPIO number.
+_HEADER_GPIO = {
+    3: 2, 5: 3, 7: 4, 8: 14, 10: 15, 11: 17, 12: 18, 13: 27, 15: 22, 16: 23, 18: 24, 19: 10,
+    21: 9, 22: 25, 23: 11, 24: 8, 26: 7, 27: 0, 28: 1, 29: 5, 31: 6, 32: 12, 33: 13, 35: 19,
+    36: 16, 37: 26, 38: 20, 40: 21,
+}  # fmt: skip
+
+
+def pin_identity(pin: int | str) -> str:
+    """One name per physical pin, so two spellings of the same pin compare equal.
+
+    >>> [pin_identity(p) for p in (17, "17", "GPIO17", "bcm17", "BOARD11", "J8:11")]
+    ['GPIO17', 'GPIO17', 'GPIO17', 'GPIO17', 'GPIO17', 'GPIO17']
+
+    Other gpiozero names (``WPI0``...) are compared as written.
+    """
+    if isinstance(pin, int):
+        return f"GPIO{pin}"
+    text = pin.strip().upper()
+    if text.isdigit():
+        return f"GPIO{int(text)}"
+    for prefix in ("GPIO", "BCM", "BOARD", "J8:"):
+        number = text.removeprefix(prefix)
+        if number != text and number.isdigit():
+            if prefix in ("GPIO", "BCM"):
+                return f"GPIO{int(number)}"
+            gpio = _HEADER_GPIO.get(int(number))
+            return f"GPIO{gpio}" if gpio is not None else f"BOARD{int(number)}"
+    return text
+
+
 class GpioSettings(_Section):
-    """BCM pin numbers (or gpiozero pin names) of the relay, LEDs and presence loop."""
+    """BCM pin numbers (or gpiozero pin names) of the relay, LEDs and presence loop.
+
+    Every device needs a pin of its own: two fields naming the same pin (``17`` and
+    ``"BOARD11"`` are one pin) are a configuration error naming both fields.
+    """
 
     relay_pin: Pin = 17
     relay_active_high: bool = True
@@ -125,6 +162,23 @@ class GpioSettings(_Section):
     presence_pin: Pin | None = None
     # True: a dry contact closing to ground (vehicle = pin low); False: vehicle = pin high.
     presence_pull_up: bool = True
+
+    @model_validator(mode="after")
+    def _one_device_per_pin(self) -> Self:
+        owners: dict[str, str] = {}
+        clashes: list[str] = []
+        for name in ("relay_pin", "green_led_pin", "red_led_pin", "buzzer_pin", "presence_pin"):
+            pin: int | str | None = getattr(self, name)
+            if pin is None:
+                continue
+            identity = pin_identity(pin)
+            if identity in owners:
+                clashes.append(f"{owners[identity]} and {name} are both {identity}")
+            else:
+                owners[identity] = name
+        if clashes:
+            raise ValueError("; ".join(clashes) + " (each device needs a pin of its own)")
+        return self
 
 
 class TimeoutSettings(_Section):

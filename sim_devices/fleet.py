@@ -443,8 +443,12 @@ class Fleet:
             totals["camera_errors"] += stats.camera_errors
             totals["outbox"] += lane.gateway.outbox.depth
             totals["online"] += int(lane.gateway.uplink.connected)
+            totals["connects"] += lane.gateway.uplink.connects
             for reason, count in lane.gateway.lane.local_denials.items():
                 totals[f"local:{reason.value}"] += count
+            # What the barriers did (read off the relays' mock pins), including a lift for
+            # a driver whose visit the end of the run cut short.
+            totals[f"opens:{lane.config.direction.value}"] += lane.gate.opens
         return dict(totals)
 
     def summary(self) -> dict[str, Any]:
@@ -457,11 +461,16 @@ class Fleet:
             "scans": totals.get("scans", 0),
             "entries": self.stats.entries,
             "exits": self.stats.exits,
+            "barrier_opens": {
+                "entry": totals.get("opens:entry", 0),
+                "exit": totals.get("opens:exit", 0),
+            },
             "denials": dict(self.stats.denials.most_common()),
             "offline_decisions": totals.get("offline_decisions", 0),
             "replayed_events": totals.get("replayed", 0),
             "late_disagreements": totals.get("late_disagreements", 0),
             "camera_errors": totals.get("camera_errors", 0),
+            "broker_connects": totals.get("connects", 0),
             "outbox_remaining": totals.get("outbox", 0),
             "frames": totals.get("frames", 0),
             "frames_decoded": totals.get("frames_decoded", 0),

@@ -1,5 +1,9 @@
 """A simulated lane: the real gateway firmware on simulated devices, looking at a LaneScene.
 
+The barrier relay and the loop detector are the firmware's own gpiozero adapters on a
+mock pin factory of the lane's own (:func:`~sim_devices.devices.sim_lane_devices`); the
+scene drives the detector pin, and ``SimLane.gate`` is the relay pin's timeline.
+
 Used by ``qrpark demo``, the end-to-end tests and the benchmarks::
 
     lane = await start_sim_lane(SimLaneConfig(lot_id="demo", gate_id="in1",
@@ -26,7 +30,7 @@ from parking_protocol.clock import Clock
 from parking_protocol.transport import Transport
 from parking_protocol.types import Direction
 from sim_devices.camera import SimCamera
-from sim_devices.devices import SimDisplay, SimGate, sim_hardware
+from sim_devices.devices import SimDisplay, SimGate, sim_lane_devices
 from sim_devices.render import FrameVariant
 from sim_devices.scene import LaneScene
 from sim_devices.traffic import Lane
@@ -116,13 +120,24 @@ async def start_sim_lane(
     scene = LaneScene(name=f"{config.lot_id}/{config.gate_id}")
     rng = np.random.default_rng(config.seed)
     camera = SimCamera(scene, variant=config.variant, rng=rng, frame_interval=1 / config.fps)
-    hardware = sim_hardware(settings, clock=clock, scene=scene, camera=camera)
+    devices = sim_lane_devices(settings, clock=clock, scene=scene, camera=camera)
+    hardware = devices.hardware
     outbox = Outbox(settings.outbox_file)
     if transport is None:
         transport = make_transport(settings, boot=outbox.boot, clock=clock)
-    gateway = build_gateway(
-        settings, hardware=hardware, transport=transport, clock=clock, outbox=outbox, tuning=tuning
-    )
+    try:
+        gateway = build_gateway(
+            settings,
+            hardware=hardware,
+            transport=transport,
+            clock=clock,
+            outbox=outbox,
+            tuning=tuning,
+        )
+    except Exception:
+        outbox.close()
+        hardware.close()
+        raise
     task = asyncio.create_task(gateway.run(), name=f"gateway:{config.gate_id}")
     started = asyncio.create_task(gateway.started.wait())
     done, _ = await asyncio.wait({task, started}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
@@ -133,6 +148,5 @@ async def start_sim_lane(
     if started not in done:
         started.cancel()
         raise TimeoutError(f"gateway {config.gate_id} did not start")
-    assert isinstance(hardware.gate, SimGate)
     assert isinstance(hardware.display, SimDisplay)
-    return SimLane(config, scene, gateway, hardware.gate, hardware.display, camera, task)
+    return SimLane(config, scene, gateway, devices.gate, hardware.display, camera, task)

@@ -2,20 +2,47 @@
 
 ::
 
-    IDLE --code decoded--> AWAITING_DECISION --OPEN command / offline allow--> OPEN
-      ^                        |  deny command / offline deny: show the reason      |
-      |<-----------------------+                                                    |
-      |<---- vehicle passed (detector) or open_hold elapsed, and no vehicle present +
+    IDLE <--detector--> VEHICLE_PRESENT
+      |                     |  code read (local check passes): publish the event
+      +---------------------+--> AWAITING_DECISION --OPEN command / offline allow--> OPEN
+      ^                             |  deny command / offline deny: show the reason   |
+      |<----------------------------+                                                 |
+      |<---- vehicle passed (detector) or open_hold elapsed, and no vehicle present --+
+                                   (barrier closed)
+
+Issue 4 names the lane's steps *idle -> vehicle present -> code read -> waiting for
+decision -> barrier open -> vehicle passed -> barrier closed*. :attr:`Lane.state` is the
+step the lane rests in between two inputs:
+
+- idle: ``IDLE`` (barrier closed, nothing awaited, no vehicle on the detector);
+- vehicle present: ``VEHICLE_PRESENT`` (the same, with the detector reporting a vehicle);
+- code read: the :class:`CodeDecoded` step itself. A code the local check refuses goes
+  straight back (the reason shown); a good one is published, and in the same step the
+  lane is
+- waiting for decision: ``AWAITING_DECISION``;
+- barrier open: ``OPEN`` (until the vehicle has passed or, if none came, ``open_hold``;
+  never closing while the detector reports a vehicle);
+- vehicle passed: the :class:`PresenceChanged` step that clears the detector after it saw
+  the vehicle; it closes the barrier at once, so
+- barrier closed: is ``IDLE`` again (``VEHICLE_PRESENT`` if the next car is already there).
+
+"Code read" and "vehicle passed" are transitions, not resting states: nothing can happen
+between them and the next step, so the machine never stays there.
 
 The app feeds :meth:`Lane.handle` an input and the current time and carries out the actions
 it returns (publish, open/close the barrier, show text, reply to a command). Safety rule:
 **the lane never emits CloseGate while the detector reports a vehicle.**
 
 A command is executed only if it answers the event the lane awaits (or is an operator's
-manual open, ``event_id=None``), its deadline has not passed and its ``command_id`` is new;
-anything else gets a rejected/expired reply. Without an answer within the decision timeout
-the lane decides with the local verifier's offline policy and records that decision so the
-event is replayed with ``offline`` set.
+manual open, ``event_id=None``) and its deadline has not passed; anything else gets a
+rejected/expired reply. Each ``command_id``'s answer is remembered (the most recent
+``seen_commands`` of them; the app persists them and hands them back after a restart): a
+redelivered command is never executed again, it gets the same answer again
+(``SendReply(repeat=True)``), so a service whose first reply was lost learns what happened.
+A stale open therefore never lifts the barrier: a new one past its deadline is refused as
+expired, a redelivered one only repeats its first answer. Without an answer within the
+decision timeout the lane decides with the local verifier's offline policy and records
+that decision so the event is replayed with ``offline`` set.
 
 >>> # lane = Lane(lot_id="lot1", gate_id="in1", verifier=verifier, ...)
 >>> # lane.handle(CodeDecoded("QP1..."), now)
@@ -25,7 +52,7 @@ event is replayed with ``offline`` set.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -41,6 +68,7 @@ __all__ = [
     "CloseGate",
     "CodeDecoded",
     "CommandReceived",
+    "CommandRecord",
     "DecisionTimeout",
     "Feedback",
     "Lane",
@@ -63,7 +91,10 @@ CHECKING_TEXT = "Checking..."
 
 
 class LaneState(StrEnum):
+    """Where the lane rests between two inputs (see the module docstring for issue 4's names)."""
+
     IDLE = "idle"
+    VEHICLE_PRESENT = "vehicle_present"
     AWAITING_DECISION = "awaiting_decision"
     OPEN = "open"
 
@@ -163,6 +194,21 @@ class StartTimer:
 
 @dataclass(frozen=True, slots=True)
 class SendReply:
+    """Reply to a command. ``repeat``: a redelivered command's remembered answer, sent
+    again; nothing was done this time (and there is nothing new to remember)."""
+
+    command_id: str
+    outcome: CommandOutcome
+    detail: str = ""
+    repeat: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRecord:
+    """The latest answer the lane gave to ``command_id`` (an ``open`` moves from accepted
+    to done when the barrier closes). The app persists these and passes them back to a new
+    :class:`Lane` (``known_commands``) so a restart forgets no answer."""
+
     command_id: str
     outcome: CommandOutcome
     detail: str = ""
@@ -194,6 +240,7 @@ class Lane:
         scan_only_when_present: bool = False,
         id_factory: Callable[[], str] = new_id,
         seen_commands: int = 1024,
+        known_commands: Iterable[CommandRecord] = (),
     ) -> None:
         self.lot_id = lot_id
         self.gate_id = gate_id
@@ -202,10 +249,13 @@ class Lane:
         self.open_hold = open_hold
         self.scan_only_when_present = scan_only_when_present
         self._new_id = id_factory
-        self._seen_capacity = seen_commands
+        self.command_memory = seen_commands
         self.local_denials: Counter[Reason] = Counter()
-        self._seen: OrderedDict[str, None] = OrderedDict()
-        self.state = LaneState.IDLE
+        # command_id -> its latest answer, oldest first (bounded by seen_commands).
+        self._commands: OrderedDict[str, CommandRecord] = OrderedDict()
+        for record in known_commands:
+            self._remember(record)
+        self._phase = LaneState.IDLE  # IDLE, AWAITING_DECISION or OPEN
         self.vehicle_present = False
         self._awaiting: _Awaiting | None = None
         self._open_until: datetime | None = None
@@ -213,8 +263,23 @@ class Lane:
         self._opened_by: str | None = None
 
     @property
+    def state(self) -> LaneState:
+        """The step the lane rests in (``VEHICLE_PRESENT``: idle with a vehicle detected)."""
+        if self._phase is LaneState.IDLE and self.vehicle_present:
+            return LaneState.VEHICLE_PRESENT
+        return self._phase
+
+    @property
     def awaiting_event_id(self) -> str | None:
         return self._awaiting.event_id if self._awaiting else None
+
+    def command_record(self, command_id: str) -> CommandRecord | None:
+        """The remembered answer to ``command_id`` (None: unknown, or forgotten by now)."""
+        return self._commands.get(command_id)
+
+    def command_records(self) -> list[CommandRecord]:
+        """Every remembered answer, oldest first."""
+        return list(self._commands.values())
 
     def handle(self, event: LaneInput, now: datetime) -> list[Action]:
         """Advance the machine by one input at ``now``; return what to do."""
@@ -234,7 +299,7 @@ class Lane:
 
     # -- transitions -----------------------------------------------------------------------
     def _on_code(self, code: str, now: datetime) -> list[Action]:
-        if self.state is not LaneState.IDLE:
+        if self._phase is not LaneState.IDLE:
             return []  # one vehicle at a time; the code is read again later if still shown
         if self.scan_only_when_present and not self.vehicle_present:
             return []
@@ -247,7 +312,7 @@ class Lane:
             return [Show(DENY_TEXT.get(checked, "Code not valid")), Signal(Feedback.DENIED)]
         deadline = now + self.decision_timeout
         self._awaiting = _Awaiting(self._new_id(), code, deadline)
-        self.state = LaneState.AWAITING_DECISION
+        self._phase = LaneState.AWAITING_DECISION
         return [
             PublishEvent(self._awaiting.event_id, code, now),
             Show(CHECKING_TEXT),
@@ -258,38 +323,51 @@ class Lane:
         cid = command.command_id
         if (command.lot_id, command.gate_id) != (self.lot_id, self.gate_id):
             return [SendReply(cid, CommandOutcome.REJECTED, "command for another gate")]
-        if cid in self._seen:
-            return [SendReply(cid, CommandOutcome.REJECTED, "duplicate command")]
-        self._seen[cid] = None
-        if len(self._seen) > self._seen_capacity:
-            self._seen.popitem(last=False)
+        known = self._commands.get(cid)
+        if known is not None:
+            # Redelivered (QoS 1 after a lost PUBACK, a reconnect, or the service asking
+            # again because our reply was lost): say again what happened, do nothing.
+            return [SendReply(cid, known.outcome, known.detail, repeat=True)]
         if now > command.deadline:
-            return [SendReply(cid, CommandOutcome.EXPIRED, "deadline passed")]
+            return [self._reply(cid, CommandOutcome.EXPIRED, "deadline passed")]
         if command.event_id is None:  # operator's manual command
             if command.action is GateAction.OPEN:
                 self._awaiting = None  # a later answer to that scan is refused
                 opened = self._open(now, command.display, cid)
-                return [*opened, SendReply(cid, CommandOutcome.ACCEPTED)]
-            return [Show(command.display), SendReply(cid, CommandOutcome.DONE)]
+                return [*opened, self._reply(cid, CommandOutcome.ACCEPTED)]
+            return [Show(command.display), self._reply(cid, CommandOutcome.DONE)]
         awaiting = self._awaiting
         if awaiting is None or awaiting.event_id != command.event_id:
-            return [SendReply(cid, CommandOutcome.REJECTED, "not awaiting this event")]
+            return [self._reply(cid, CommandOutcome.REJECTED, "not awaiting this event")]
         self._awaiting = None
         if command.action is GateAction.OPEN:
             # Only a code that opened the gate is used up; after a deny (say, insufficient
             # balance) the driver may top up and show the same code again.
             self.verifier.remember(awaiting.code, now)
-            return [*self._open(now, command.display, cid), SendReply(cid, CommandOutcome.ACCEPTED)]
-        self.state = LaneState.IDLE
+            return [
+                *self._open(now, command.display, cid),
+                self._reply(cid, CommandOutcome.ACCEPTED),
+            ]
+        self._phase = LaneState.IDLE
         return [
             Show(command.display),
             Signal(Feedback.DENIED),
-            SendReply(cid, CommandOutcome.DONE),
+            self._reply(cid, CommandOutcome.DONE),
         ]
+
+    def _reply(self, command_id: str, outcome: CommandOutcome, detail: str = "") -> SendReply:
+        """Answer ``command_id`` and remember the answer for a redelivery."""
+        self._remember(CommandRecord(command_id, outcome, detail))
+        return SendReply(command_id, outcome, detail)
+
+    def _remember(self, record: CommandRecord) -> None:
+        self._commands[record.command_id] = record  # an update keeps its place
+        while len(self._commands) > self.command_memory:
+            self._commands.popitem(last=False)
 
     def _on_presence(self, present: bool, now: datetime) -> list[Action]:
         self.vehicle_present = present
-        if self.state is not LaneState.OPEN:
+        if self._phase is not LaneState.OPEN:
             return []
         if present:
             self._vehicle_seen_while_open = True
@@ -300,9 +378,9 @@ class Lane:
 
     def _on_tick(self, now: datetime) -> list[Action]:
         awaiting, open_until = self._awaiting, self._open_until
-        if self.state is LaneState.AWAITING_DECISION and awaiting and now >= awaiting.deadline:
+        if self._phase is LaneState.AWAITING_DECISION and awaiting and now >= awaiting.deadline:
             return self._decide_offline(now)
-        if self.state is LaneState.OPEN and open_until is not None and now >= open_until:
+        if self._phase is LaneState.OPEN and open_until is not None and now >= open_until:
             return self._close()
         return []
 
@@ -316,12 +394,12 @@ class Lane:
         actions: list[Action] = [RecordOffline(awaiting.event_id, decision)]
         if decision.action is GateAction.OPEN:
             return actions + self._open(now, text, None)
-        self.state = LaneState.IDLE
+        self._phase = LaneState.IDLE
         return [*actions, Show(text), Signal(Feedback.DENIED)]
 
     def _open(self, now: datetime, text: str, command_id: str | None) -> list[Action]:
-        was_open = self.state is LaneState.OPEN
-        self.state = LaneState.OPEN
+        was_open = self._phase is LaneState.OPEN
+        self._phase = LaneState.OPEN
         self._open_until = now + self.open_hold
         self._vehicle_seen_while_open = self.vehicle_present or (
             was_open and self._vehicle_seen_while_open
@@ -338,11 +416,11 @@ class Lane:
     def _close(self) -> list[Action]:
         if self.vehicle_present:  # the safety rule, whatever led here
             return []
-        self.state = LaneState.IDLE
+        self._phase = LaneState.IDLE
         self._open_until = None
         self._vehicle_seen_while_open = False
         actions: list[Action] = [CloseGate(), Show(IDLE_TEXT)]
         if self._opened_by is not None:
-            actions.append(SendReply(self._opened_by, CommandOutcome.DONE, "closed"))
+            actions.append(self._reply(self._opened_by, CommandOutcome.DONE, "closed"))
             self._opened_by = None
         return actions

@@ -57,7 +57,9 @@ class RelayGate:
             if red_led_pin is not None
             else None
         )
-        self._buzzer = Buzzer(buzzer_pin, pin_factory=pin_factory) if buzzer_pin else None
+        self._buzzer = (
+            Buzzer(buzzer_pin, pin_factory=pin_factory) if buzzer_pin is not None else None
+        )
         self._restore: threading.Timer | None = None
 
     def open(self) -> None:

@@ -3,8 +3,10 @@
 Every ScanEvent is written here BEFORE its first publish and stays until the central service
 answers it (a GateCommand or an EventAck naming its ``event_id``), so a power cut or a broker
 outage loses nothing: on reconnect :meth:`Outbox.pending` is replayed in order. The same
-database keeps the gateway's boot counter (incremented at every open) and its event
-sequence number, which is monotonic across restarts.
+database keeps the gateway's boot counter (incremented at every open), its event
+sequence number, which is monotonic across restarts, the lot's deny-list, and the answers
+to the most recent gate commands (so a command redelivered after a restart gets the same
+answer and is not executed twice).
 
 >>> from datetime import UTC, datetime
 >>> from parking_protocol.types import Direction
@@ -24,9 +26,15 @@ import sqlite3
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from parking_protocol.messages import OfflineDecision, ScanEvent, decode, encode
+from parking_protocol.messages import (
+    CommandOutcome,
+    OfflineDecision,
+    ScanEvent,
+    decode,
+    encode,
+)
 
-__all__ = ["Outbox"]
+__all__ = ["CommandAnswer", "Outbox"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -39,7 +47,16 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 INSERT OR IGNORE INTO meta (key, value) VALUES ('boot', 0), ('seq', 0);
 CREATE TABLE IF NOT EXISTS denylist (list_id TEXT NOT NULL, account_id TEXT);
+CREATE TABLE IF NOT EXISTS command_replies (
+    n INTEGER PRIMARY KEY,
+    command_id TEXT NOT NULL UNIQUE,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
 """
+
+# One gate command's latest answer: (command_id, outcome, detail).
+CommandAnswer = tuple[str, CommandOutcome, str]
 
 
 class Outbox:
@@ -120,6 +137,31 @@ class Outbox:
         if not rows:
             return None, []
         return rows[0][0], sorted(a for _, a in rows if a is not None)
+
+    def save_command_answer(
+        self, command_id: str, outcome: CommandOutcome, detail: str = "", *, keep: int = 1024
+    ) -> None:
+        """Remember the answer to ``command_id`` (replacing an earlier one, e.g. accepted ->
+        done), keeping only the ``keep`` most recent commands."""
+        with self._transaction():
+            self._conn.execute(
+                "INSERT INTO command_replies (command_id, outcome, detail) VALUES (?, ?, ?) "
+                "ON CONFLICT (command_id) DO UPDATE "
+                "SET outcome = excluded.outcome, detail = excluded.detail",
+                (command_id, outcome.value, detail),
+            )
+            self._conn.execute(
+                "DELETE FROM command_replies WHERE n <= (SELECT MAX(n) FROM command_replies) - ?",
+                (keep,),
+            )
+
+    def load_command_answers(self, limit: int = 1024) -> list[CommandAnswer]:
+        """The ``limit`` most recent command answers, oldest first."""
+        rows = self._conn.execute(
+            "SELECT command_id, outcome, detail FROM command_replies ORDER BY n DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [(cid, CommandOutcome(outcome), detail) for cid, outcome, detail in reversed(rows)]
 
     # -- reads ---------------------------------------------------------------------------------
     def get(self, event_id: str) -> ScanEvent | None:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from gw_support import GATE, LOT, Harness, eventually
 
 from gateway_firmware.core.lane import CHECKING_TEXT, LaneState
@@ -207,7 +208,7 @@ async def test_malformed_and_stray_messages_are_counted_and_dropped(
     await eventually(lambda: h.gate.is_open)
 
 
-async def test_stale_and_duplicate_commands_are_refused_with_replies(
+async def test_stale_commands_are_refused_and_duplicates_get_the_first_answer(
     harness: Harness, issue: Callable[..., str]
 ) -> None:
     h = harness
@@ -223,12 +224,60 @@ async def test_stale_and_duplicate_commands_are_refused_with_replies(
     good = h.server.command(event_id=event.event_id)
     await h.server.send(encode(good))
     await eventually(lambda: h.gate.is_open)
-    await h.server.send(encode(good))
-    await eventually(lambda: len(h.server.replies) == 3)
-    assert [r.outcome for r in h.server.replies] == ["expired", "accepted", "rejected"]
-    assert h.gateway.stats.commands_refused == 2
+    await h.server.send(encode(good))  # our reply was lost: the service asks again
+    await h.server.send(encode(stale))
+    await eventually(lambda: len(h.server.replies) == 4)
+    assert [(r.command_id, r.outcome) for r in h.server.replies] == [
+        (stale.command_id, "expired"),
+        (good.command_id, "accepted"),
+        (good.command_id, "accepted"),
+        (stale.command_id, "expired"),
+    ]
+    assert h.gateway.stats.commands_refused == 1
     assert h.gateway.stats.commands_executed == 1
+    assert h.gateway.stats.commands_repeated == 2
     h.gate.assert_events(["open"])
+
+
+async def test_a_command_redelivered_after_a_restart_gets_the_same_answer(
+    harness_factory: Callable[..., Any],
+) -> None:
+    """The answers are kept with the outbox: an operator's open that reaches the restarted
+    gateway again (still within its deadline) does not lift the barrier a second time."""
+    first: Harness = await harness_factory()
+    manual = first.server.command(display=DENY_TEXT[Reason.MANUAL_OPEN])
+    await first.server.send(manual.model_dump_json().encode())
+    await eventually(lambda: first.gate.is_open)
+    await eventually(lambda: len(first.server.replies) == 1)
+    await first.stop()
+    first.gateway.close()
+
+    second: Harness = await harness_factory()
+    assert second.gateway.boot == 2
+    await second.server.send(manual.model_dump_json().encode())
+    await eventually(lambda: len(second.server.replies) == 2)
+    again = second.server.replies[1]
+    assert (again.command_id, again.outcome) == (manual.command_id, CommandOutcome.ACCEPTED)
+    assert second.gate.events() == []
+    assert second.gateway.stats.commands_repeated == 1
+
+
+async def test_a_failing_disk_for_command_answers_still_moves_the_barrier(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(h.gateway.outbox, "save_command_answer", disk_full)
+    manual = h.server.command(display=DENY_TEXT[Reason.MANUAL_OPEN])
+    await h.server.send(manual.model_dump_json().encode())
+    await eventually(lambda: h.gate.is_open)
+    h.clock.advance(timedelta(seconds=h.settings.timeouts.open_hold_s))
+    await eventually(lambda: not h.gate.is_open, what="closed despite the disk")
+    assert h.gateway.stats.last_error == "outbox: disk full"
+    await eventually(lambda: [r.outcome for r in h.server.replies] == ["accepted", "done"])
 
 
 async def test_manual_open_from_the_operator(harness: Harness) -> None:

@@ -30,6 +30,28 @@ def test_bad_config_exits_2_naming_the_field(
     assert "public_keys" in err
 
 
+def test_two_devices_on_one_pin_exit_2_naming_both_fields(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    make_settings: Callable[..., GatewaySettings],
+) -> None:
+    """A pin clash is a bad config (status 2: systemd does not restart it), caught before
+    gpiozero would fail on it (status 1, restarted forever)."""
+    key = make_settings().public_keys["k1"]
+    path = tmp_path / "g.toml"
+    path.write_text(
+        'lot_id = "lot1"\ngate_id = "in1"\ndirection = "entry"\nhardware = "sim"\n'
+        f'outbox_path = "{tmp_path / "o.db"}"\n'
+        '[gpio]\nrelay_pin = 17\npresence_pin = "BOARD11"\n'
+        f'[public_keys]\nk1 = "{key}"\n'
+    )
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "gpio" in err
+    assert "relay_pin and presence_pin are both GPIO17" in err
+    assert not (tmp_path / "o.db").exists()  # refused before anything started
+
+
 def test_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--config", str(tmp_path / "none.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway_firmware.config import ConfigError, GatewaySettings, load_settings
+from gateway_firmware.config import ConfigError, GatewaySettings, load_settings, pin_identity
 from parking_protocol.qr_token import public_key_text
 from parking_protocol.types import Direction
 
@@ -125,3 +125,48 @@ def test_example_config_loads_once_a_real_key_is_given(
     settings = load_settings(EXAMPLE)
     assert isinstance(settings, GatewaySettings)
     assert settings.gpio.relay_pin == 17
+
+
+@pytest.mark.parametrize(
+    ("gpio", "clash"),
+    [
+        ("relay_pin = 17\npresence_pin = 17", "relay_pin and presence_pin are both GPIO17"),
+        ('relay_pin = 17\nbuzzer_pin = "GPIO17"', "relay_pin and buzzer_pin are both GPIO17"),
+        ('green_led_pin = "BCM22"\nred_led_pin = 22', "green_led_pin and red_led_pin"),
+        ('presence_pin = "BOARD16"\nbuzzer_pin = 23', "buzzer_pin and presence_pin"),
+        ('relay_pin = "J8:11"\npresence_pin = 17', "relay_pin and presence_pin are both GPIO17"),
+        ("buzzer_pin = 0\nred_led_pin = 0", "red_led_pin and buzzer_pin are both GPIO0"),
+    ],
+)
+def test_two_devices_on_one_pin_are_refused_naming_both_fields(
+    write_config: Callable[..., Path], gpio: str, clash: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"gpio: .*{clash}"):
+        load_settings(write_config(f"[gpio]\n{gpio}"))
+
+
+def test_distinct_pins_are_fine(write_config: Callable[..., Path]) -> None:
+    settings = load_settings(
+        write_config(
+            "[gpio]\nrelay_pin = 17\ngreen_led_pin = 22\nred_led_pin = 27\n"
+            'buzzer_pin = "BOARD29"\npresence_pin = 23'
+        )
+    )
+    assert settings.gpio.buzzer_pin == "BOARD29"
+
+
+def test_pin_identity_agrees_with_gpiozero_on_every_header_pin() -> None:
+    """Our table of the 40-pin header against gpiozero's own board data."""
+    from gpiozero.pins.mock import MockFactory
+
+    factory = MockFactory()
+    try:
+        header = factory.board_info.headers["J8"]
+        for number, info in header.pins.items():
+            names = {name for name in info.names if not str(name).startswith("WPI")}
+            expected = info.name if info.name.startswith("GPIO") else f"BOARD{number}"
+            if not info.name.startswith("GPIO"):
+                names = {f"BOARD{number}", f"J8:{number}"}
+            assert {pin_identity(name) for name in names} == {expected}, info
+    finally:
+        factory.close()

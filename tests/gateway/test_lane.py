@@ -16,6 +16,7 @@ from gateway_firmware.core.lane import (
     CloseGate,
     CodeDecoded,
     CommandReceived,
+    CommandRecord,
     DecisionTimeout,
     Feedback,
     Lane,
@@ -181,17 +182,103 @@ def test_command_past_its_deadline_is_refused_as_expired(key: Ed25519PrivateKey)
     assert lane.state is LaneState.AWAITING_DECISION
 
 
-def test_duplicate_command_id_is_refused(key: Ed25519PrivateKey) -> None:
+def test_redelivered_deny_repeats_its_answer_and_leaves_the_new_scan_alone(
+    key: Ed25519PrivateKey,
+) -> None:
     lane = make_lane(key)
     event_id = scan(lane, code_for(key))
     cmd = command(event_id, T0, action=GateAction.DENY, display="no")
-    lane.handle(CommandReceived(cmd), T0)
+    first = lane.handle(CommandReceived(cmd), T0)
+    assert SendReply(cmd.command_id, CommandOutcome.DONE) in first
     # The same command again (QoS 1 redelivery), even once the lane awaits a new scan.
     scan(lane, code_for(key, account="bob"), T0 + timedelta(seconds=1))
     again = GateCommand.model_validate({**cmd.model_dump(), "event_id": lane.awaiting_event_id})
     actions = lane.handle(CommandReceived(again), T0 + timedelta(seconds=1))
-    assert actions == [SendReply(cmd.command_id, CommandOutcome.REJECTED, "duplicate command")]
+    assert actions == [SendReply(cmd.command_id, CommandOutcome.DONE, repeat=True)]
     assert lane.state is LaneState.AWAITING_DECISION
+
+
+def test_redelivered_open_gets_the_same_answer_and_does_not_act_again(
+    key: Ed25519PrivateKey,
+) -> None:
+    """The service's first reply was lost: asking again tells it what happened."""
+    lane = make_lane(key)
+    cmd = command(scan(lane, code_for(key)), T0)
+    assert of(OpenGate, lane.handle(CommandReceived(cmd), T0)) == [OpenGate()]
+    opened_until = lane._open_until
+    again = lane.handle(CommandReceived(cmd), T0 + timedelta(seconds=1))
+    assert again == [SendReply(cmd.command_id, CommandOutcome.ACCEPTED, repeat=True)]
+    assert lane._open_until == opened_until  # the hold was not restarted either
+    lane.handle(Tick(), T0 + HOLD)  # closes
+    after_close = lane.handle(CommandReceived(cmd), T0 + HOLD)
+    assert after_close == [SendReply(cmd.command_id, CommandOutcome.DONE, "closed", repeat=True)]
+    assert lane.command_record(cmd.command_id) == CommandRecord(
+        cmd.command_id, CommandOutcome.DONE, "closed"
+    )
+
+
+def test_stale_open_never_lifts_the_barrier(key: Ed25519PrivateKey) -> None:
+    """After a reconnect: an open delivered past its deadline is refused as expired, and an
+    open that was already carried out, redelivered late, only repeats its answer."""
+    lane = make_lane(key)
+    done = command(None, T0, display="Opened by operator")
+    lane.handle(CommandReceived(done), T0)
+    lane.handle(Tick(), T0 + HOLD)
+    stale = command(None, T0, display="Opened by operator")
+    late = T0 + timedelta(minutes=10)
+    expired = lane.handle(CommandReceived(stale), late)
+    assert expired == [SendReply(stale.command_id, CommandOutcome.EXPIRED, "deadline passed")]
+    for cmd, answer in (
+        (done, SendReply(done.command_id, CommandOutcome.DONE, "closed", repeat=True)),
+        (stale, SendReply(stale.command_id, CommandOutcome.EXPIRED, "deadline passed", True)),
+    ):
+        actions = lane.handle(CommandReceived(cmd), late + timedelta(seconds=1))
+        assert actions == [answer]
+    assert lane.state is LaneState.IDLE
+
+
+def test_remembered_answers_survive_into_a_new_lane(key: Ed25519PrivateKey) -> None:
+    """A restarted gateway hands its persisted answers to the new lane: a manual open
+    redelivered after the restart, still within its deadline, does not open again."""
+    cmd = command(None, T0)
+    record = CommandRecord(cmd.command_id, CommandOutcome.ACCEPTED)
+    lane = make_lane(key, known_commands=[record])
+    actions = lane.handle(CommandReceived(cmd), T0)
+    assert actions == [SendReply(cmd.command_id, CommandOutcome.ACCEPTED, repeat=True)]
+    assert lane.state is LaneState.IDLE
+
+
+def test_command_memory_is_bounded_oldest_first(key: Ed25519PrivateKey) -> None:
+    lane = make_lane(key, seen_commands=3)
+    sent = [command(None, T0, action=GateAction.DENY, display=f"m{i}") for i in range(4)]
+    for cmd in sent:
+        lane.handle(CommandReceived(cmd), T0)
+    assert [r.command_id for r in lane.command_records()] == [c.command_id for c in sent[1:]]
+    assert lane.command_record(sent[0].command_id) is None
+
+
+def test_lane_states_follow_the_issue(key: Ed25519PrivateKey) -> None:
+    """idle -> vehicle present -> (code read) waiting for decision -> barrier open ->
+    (vehicle passed) barrier closed: idle."""
+    lane = make_lane(key)
+    assert lane.state is LaneState.IDLE
+    lane.handle(PresenceChanged(True), T0)
+    assert lane.state is LaneState.VEHICLE_PRESENT
+    event_id = scan(lane, code_for(key))
+    assert lane.state is LaneState.AWAITING_DECISION
+    lane.handle(CommandReceived(command(event_id, T0)), T0)
+    assert lane.state is LaneState.OPEN
+    assert of(CloseGate, lane.handle(PresenceChanged(False), T0 + timedelta(seconds=2)))
+    assert lane.state is LaneState.IDLE
+    lane.handle(PresenceChanged(True), T0 + timedelta(seconds=3))  # the next car
+    assert lane.state is LaneState.VEHICLE_PRESENT
+
+
+def test_a_locally_refused_code_returns_to_vehicle_present(key: Ed25519PrivateKey) -> None:
+    lane = make_lane(key)
+    lane.handle(PresenceChanged(True), T0)
+    lane.handle(CodeDecoded("junk"), T0)
+    assert lane.state is LaneState.VEHICLE_PRESENT
 
 
 def test_command_for_another_event_or_gate_is_refused(key: Ed25519PrivateKey) -> None:
@@ -271,6 +358,7 @@ class LaneSafety(RuleBasedStateMachine):
         self.gate_open = False
         self.opened_at: datetime | None = None
         self.sent: list[GateCommand] = []
+        self.answers: dict[str, SendReply] = {}  # command_id -> its latest (first-time) answer
 
     def feed(self, event: Any) -> list[Action]:
         actions = self.lane.handle(event, self.now)
@@ -282,6 +370,11 @@ class LaneSafety(RuleBasedStateMachine):
                 assert not self.gate_open, "OpenGate while already open"
                 self.gate_open = True
                 self.opened_at = self.now
+            elif isinstance(action, SendReply) and not action.repeat:
+                assert action.command_id not in self.answers or action.outcome is (
+                    CommandOutcome.DONE
+                ), f"a command id answered twice: {action}"
+                self.answers[action.command_id] = action
         return actions
 
     @rule(present=st.booleans())
@@ -311,7 +404,11 @@ class LaneSafety(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.sent))
     @rule(data=st.data())
     def redeliver(self, data: st.DataObject) -> None:
-        self.feed(CommandReceived(data.draw(st.sampled_from(self.sent))))
+        cmd = data.draw(st.sampled_from(self.sent))
+        first = self.answers[cmd.command_id]
+        actions = self.feed(CommandReceived(cmd))
+        # Never executed twice: the same answer again, and nothing else.
+        assert actions == [SendReply(cmd.command_id, first.outcome, first.detail, repeat=True)]
 
     @rule()
     def timeout(self) -> None:
@@ -330,6 +427,9 @@ class LaneSafety(RuleBasedStateMachine):
     @invariant()
     def gate_state_matches_lane(self) -> None:
         assert self.gate_open == (self.lane.state is LaneState.OPEN)
+        if self.lane.state in (LaneState.IDLE, LaneState.VEHICLE_PRESENT):
+            assert self.lane.awaiting_event_id is None
+            assert (self.lane.state is LaneState.VEHICLE_PRESENT) == self.present
 
 
 LaneSafety.TestCase.settings = settings(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway_firmware.uplink.outbox import Outbox
-from parking_protocol.messages import OfflineDecision, ScanEvent
+from parking_protocol.messages import CommandOutcome, OfflineDecision, ScanEvent
 from parking_protocol.types import Direction, GateAction, Reason
 
 T0 = datetime(2026, 1, 1, 8, 0, tzinfo=UTC)
@@ -106,3 +106,18 @@ def test_database_runs_in_wal_mode(tmp_path: Path) -> None:
     with Outbox(tmp_path / "o.db") as box:
         (mode,) = box._conn.execute("PRAGMA journal_mode").fetchone()
     assert mode == "wal"
+
+
+def test_command_answers_survive_a_reopen_bounded_and_updated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as box:
+        for i in range(5):
+            box.save_command_answer(f"c{i}", CommandOutcome.REJECTED, "not awaiting", keep=3)
+        box.save_command_answer("c3", CommandOutcome.DONE, "closed", keep=3)  # accepted -> done
+    with Outbox(path) as reopened:
+        assert reopened.load_command_answers() == [
+            ("c2", CommandOutcome.REJECTED, "not awaiting"),
+            ("c3", CommandOutcome.DONE, "closed"),
+            ("c4", CommandOutcome.REJECTED, "not awaiting"),
+        ]
+        assert [cid for cid, _, _ in reopened.load_command_answers(limit=2)] == ["c3", "c4"]
