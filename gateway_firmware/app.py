@@ -20,6 +20,7 @@ import functools
 import importlib.util
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,7 @@ from gateway_firmware.core.debounce import Debouncer
 from gateway_firmware.core.lane import (
     IDLE_TEXT,
     Action,
+    BarrierFound,
     CloseGate,
     CodeDecoded,
     CommandReceived,
@@ -46,10 +48,11 @@ from gateway_firmware.core.lane import (
     SendReply,
     Show,
     Signal,
+    SpendCode,
     StartTimer,
     Tick,
 )
-from gateway_firmware.core.local_verify import LocalVerifier
+from gateway_firmware.core.local_verify import LocalVerifier, SpentNonce
 from gateway_firmware.hardware.interfaces import (
     AsyncCamera,
     Camera,
@@ -89,6 +92,7 @@ __all__ = [
     "make_transport",
     "real_hardware",
     "status_will",
+    "tls_context",
 ]
 
 log = logging.getLogger(__name__)
@@ -250,6 +254,7 @@ class Gateway:
         """Run until :meth:`stop`; survives camera errors, bad messages and broker outages."""
         self._stopping.clear()
         self._apply([Show(IDLE_TEXT)])
+        self._take_over_barrier()
         await self.uplink.start()
         loops = [
             self._scan_loop(),
@@ -278,6 +283,27 @@ class Gateway:
                 await self.uplink.close(self.status(GatewayState.OFFLINE))
             self.started.clear()
             log.info("gateway stopped")
+
+    def _take_over_barrier(self) -> None:
+        """A barrier left up by an earlier run (a crash, a power loss) is not left open for
+        the next cars: the lane closes it once no vehicle is detected."""
+        try:
+            found_open = bool(self.hardware.gate.is_open)
+        except Exception as exc:
+            self.stats.hardware_errors += 1
+            self.stats.last_error = f"gate: {exc}"
+            return
+        if not found_open:
+            return
+        presence = self.hardware.presence
+        if presence is not None:
+            try:
+                self._present = bool(presence.vehicle_present)
+            except Exception:
+                self._present = True  # unknown: assume a vehicle, so the barrier stays put
+            self.feed(PresenceChanged(self._present))
+        log.warning("barrier found open at start: closing it once the lane is clear")
+        self.feed(BarrierFound())
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish (safe from a signal handler on the loop)."""
@@ -349,11 +375,14 @@ class Gateway:
             )
 
     def _apply(self, actions: list[Action]) -> None:
-        # Write-ahead: a command's answer is on disk before the barrier moves, so a
-        # redelivery after a crash or restart is answered the same and never acts twice.
+        # Write-ahead: a command's answer and a used-up code are on disk before the barrier
+        # moves, so a redelivery after a crash or restart is answered the same and never
+        # acts twice, and a screenshot of the code is still refused after a reboot.
         for action in actions:
             if isinstance(action, SendReply) and not action.repeat:
                 self._save_answer(action)
+            elif isinstance(action, SpendCode):
+                self._save_spent(action)
         for action in actions:
             match action:
                 case PublishEvent():
@@ -389,6 +418,8 @@ class Gateway:
                         )
                 case StartTimer():
                     pass  # the tick loop checks the lane's deadlines
+                case SpendCode():
+                    pass  # saved above, ahead of everything else
                 case SendReply():
                     self._spawn(self._reply(action))
 
@@ -400,6 +431,17 @@ class Gateway:
         except Exception as exc:  # the disk: the lane still remembers it until a restart
             self.stats.last_error = f"outbox: {exc}"
             log.exception("saving the answer to command %s failed", reply.command_id)
+
+    def _save_spent(self, action: SpendCode) -> None:
+        try:
+            self.outbox.save_spent_nonce(
+                SpentNonce(action.nonce, action.expires_at),
+                now=self.clock.now(),
+                keep=self.settings.nonce_cache_size,
+            )
+        except Exception as exc:  # the disk: the verifier still remembers it until a restart
+            self.stats.last_error = f"outbox: {exc}"
+            log.exception("saving a used code failed")
 
     def _event(self, action: PublishEvent, seq: int, boot: int) -> ScanEvent:
         return ScanEvent(
@@ -665,6 +707,12 @@ def build_gateway(
             for command_id, outcome, detail in outbox.load_command_answers(COMMAND_MEMORY)
         ],
     )
+    # Codes used up here before a restart stay used up until they expire.
+    now = clock.now()
+    spent = outbox.load_spent_nonces(now)
+    verifier.restore_spent(spent, now)
+    if spent:
+        log.info("%d used codes from the last run are still refused", len(spent))
     list_id, denied = outbox.load_denylist()
     if list_id is not None:
         verifier.update_denylist(denied)
@@ -746,8 +794,29 @@ def real_hardware(settings: GatewaySettings) -> Hardware:
     return hardware
 
 
+def tls_context(settings: GatewaySettings) -> ssl.SSLContext | None:
+    """The TLS context for an ``mqtts://`` broker (None for ``mqtt://``): the broker's
+    certificate and host name are verified against ``tls.ca_file`` (else the system's
+    trust store), and this gateway proves who it is with ``tls.cert_file``/``key_file``.
+
+    Raises :class:`ConfigError` naming ``tls`` if a file stopped loading since start.
+    """
+    if not settings.broker_tls:
+        return None
+    tls = settings.tls
+    try:
+        context = ssl.create_default_context(cafile=tls.ca_file)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if tls.cert_file is not None and tls.key_file is not None:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls: cannot load the certificates: {exc}") from None
+    return context
+
+
 def make_transport(settings: GatewaySettings, *, boot: int, clock: Clock) -> Transport:
-    """The MQTT transport with this gateway's client id, credentials and last will."""
+    """The MQTT transport with this gateway's client id, credentials (a password, a client
+    certificate, or both), TLS context and last will."""
     from parking_protocol.mqtt import MqttTransport, parse_broker_url
 
     password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
@@ -757,6 +826,7 @@ def make_transport(settings: GatewaySettings, *, boot: int, clock: Clock) -> Tra
         will=status_will(settings, boot, now=clock.now()),
         username=settings.mqtt_username,
         password=password,
+        tls_context=tls_context(settings),
         backoff_max=settings.reconnect_max_s,
         backoff_initial=min(0.2, settings.reconnect_max_s),
     )

@@ -102,6 +102,11 @@ async def run(settings: GatewaySettings) -> int:
     clock = SystemClock()
     outbox = Outbox(settings.outbox_file)
     try:
+        transport = make_transport(settings, boot=outbox.boot, clock=clock)
+    except ConfigError:
+        outbox.close()
+        raise
+    try:
         hardware = (
             real_hardware(settings)
             if settings.hardware == "real"
@@ -111,7 +116,6 @@ async def run(settings: GatewaySettings) -> int:
         log.exception("cannot set up the %s hardware", settings.hardware)
         outbox.close()
         return 1
-    transport = make_transport(settings, boot=outbox.boot, clock=clock)
     gateway = build_gateway(
         settings, hardware=hardware, transport=transport, clock=clock, outbox=outbox
     )

@@ -15,17 +15,21 @@ environment variable), never later in the scan loop.
 Environment names are ``QRPARK_GW_`` + the field name, nested with ``__``:
 ``QRPARK_GW_BROKER_URL``, ``QRPARK_GW_CAMERA__DEVICE``, ``QRPARK_GW_TIMEOUTS__OPEN_HOLD_S``,
 ``QRPARK_GW_OFFLINE__ENTRY``, ``QRPARK_GW_PUBLIC_KEYS='{"k1": "..."}'`` (JSON keeps the case
-of key ids; ``QRPARK_GW_PUBLIC_KEYS__K1`` would be lower-cased).
+of key ids; ``QRPARK_GW_PUBLIC_KEYS__K1`` would be lower-cased), ``QRPARK_GW_TLS__CERT_FILE``.
 """
 
 from __future__ import annotations
 
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.x509.oid import NameOID
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -57,6 +61,7 @@ __all__ = [
     "HardwareKind",
     "OfflinePolicy",
     "TimeoutSettings",
+    "TlsSettings",
     "load_settings",
     "pin_identity",
 ]
@@ -211,6 +216,101 @@ class OfflinePolicy(_Section):
         return self.exit == "allow"
 
 
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not a file") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _certificate_common_name(path: Path) -> str | None:
+    """The subject CN of the first certificate in the PEM file ``path`` (None: no CN)."""
+    names = x509.load_pem_x509_certificate(path.read_bytes()).subject.get_attributes_for_oid(
+        NameOID.COMMON_NAME
+    )
+    return str(names[0].value) if names else None
+
+
+class TlsSettings(_Section):
+    """Certificates for an ``mqtts://`` broker, all PEM files (checked at start: they must
+    exist and load).
+
+    ``ca_file`` is the CA that signed the broker's certificate (None: the system's trust
+    store). ``cert_file`` and ``key_file`` are this gateway's client certificate and its
+    unencrypted private key (keep it mode 0600): a broker with ``use_identity_as_username``
+    takes the certificate's CN, ``gw-<lot>-<gate>``, as the MQTT user its ACL is keyed by.
+
+    >>> # [tls]
+    >>> # ca_file = "/etc/qrpark/tls/ca.crt"
+    >>> # cert_file = "/etc/qrpark/tls/gw-p1-in1.crt"
+    >>> # key_file = "/etc/qrpark/tls/gw-p1-in1.key"
+    """
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @property
+    def configured(self) -> bool:
+        return any(f is not None for f in (self.ca_file, self.cert_file, self.key_file))
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_loads(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            _read_file(value)
+            try:
+                ssl.create_default_context(cafile=value)
+            except ssl.SSLError as exc:
+                raise ValueError(f"{value} is not a PEM CA certificate: {exc.reason}") from None
+        return value
+
+    @field_validator("cert_file")
+    @classmethod
+    def _cert_loads(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            data = _read_file(value)
+            try:
+                x509.load_pem_x509_certificate(data)
+            except ValueError:
+                raise ValueError(f"{value} is not a PEM certificate") from None
+        return value
+
+    @field_validator("key_file")
+    @classmethod
+    def _key_loads(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            data = _read_file(value)
+            try:
+                load_pem_private_key(data, password=None)
+            except TypeError:
+                raise ValueError(
+                    f"{value} is encrypted; the gateway needs it unencrypted"
+                ) from None
+            except ValueError:
+                raise ValueError(f"{value} is not a PEM private key") from None
+        return value
+
+    @model_validator(mode="after")
+    def _cert_and_key_pair(self) -> Self:
+        cert, key = self.cert_file, self.key_file
+        if (cert is None) != (key is None):
+            missing = "key_file" if key is None else "cert_file"
+            raise ValueError(f"cert_file and key_file go together: {missing} is missing")
+        if cert is not None and key is not None:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
+            except ssl.SSLError as exc:
+                raise ValueError(
+                    f"key_file {key} is not the key of cert_file {cert} ({exc.reason})"
+                ) from None
+        return self
+
+
 class GatewaySettings(BaseSettings):
     """Everything one lane controller needs; built at start by :func:`load_settings`."""
 
@@ -229,6 +329,8 @@ class GatewaySettings(BaseSettings):
     broker_url: str = "mqtt://127.0.0.1:1883"
     mqtt_username: str | None = None
     mqtt_password: SecretStr | None = None
+    # mqtts:// only: the broker's CA, and this gateway's client certificate and key.
+    tls: TlsSettings = TlsSettings()
     # key id -> Ed25519 public key (43 base64url characters or a PEM block).
     public_keys: dict[str, str]
     camera: CameraSettings = CameraSettings()
@@ -275,6 +377,24 @@ class GatewaySettings(BaseSettings):
         _ = parts.port  # raises ValueError for a bad port
         return value
 
+    @model_validator(mode="after")
+    def _tls_fits_the_broker(self) -> Self:
+        tls = self.tls
+        if tls.configured and not self.broker_tls:
+            raise ValueError(
+                f"tls: certificate files are set but broker_url {self.broker_url!r} is not "
+                "mqtts:// (they would not be used)"
+            )
+        if tls.cert_file is not None:
+            user = self.mqtt_username or self.client_id
+            name = _certificate_common_name(tls.cert_file)
+            if name != user:
+                raise ValueError(
+                    f"tls.cert_file: the certificate is for {name!r}, this gateway is {user!r} "
+                    "(the broker takes the certificate's CN as the MQTT user)"
+                )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -293,6 +413,12 @@ class GatewaySettings(BaseSettings):
         if self.outbox_path is not None:
             return self.outbox_path
         return Path("var") / f"gateway-{self.lot_id}-{self.gate_id}.db"
+
+    @property
+    def broker_tls(self) -> bool:
+        """Whether ``broker_url`` asks for TLS (mqtts:// or ssl://)."""
+        url = self.broker_url
+        return urlsplit(url if "://" in url else f"mqtt://{url}").scheme in ("mqtts", "ssl")
 
     @property
     def client_id(self) -> str:

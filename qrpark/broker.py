@@ -11,23 +11,58 @@
 
     qrpark broker-config --out deploy/mosquitto --central-password S \\
         --gateway demo/in1:P1 --gateway demo/out1:P2
+
+With ``--tls DIR`` it also writes a small certificate authority for the TLS example
+(``deploy/mosquitto/mosquitto-tls.conf``): ``ca.crt``/``ca.key`` (kept and reused when
+already there, so adding a gateway later leaves the others' certificates valid), the
+broker's ``server.crt``/``server.key`` for ``--tls-host`` names, and one client
+certificate per gateway, ``gw-{lot}-{gate}.crt``/``.key``, whose CN is the gateway's MQTT
+user (the broker's ``use_identity_as_username``). Private keys are written mode 0600.
+A gateway given without a password then gets a certificate only.
+
+    qrpark broker-config --out deploy/mosquitto --central-password S \\
+        --tls deploy/mosquitto/tls --tls-host mqtt.example.net --gateway demo/in1
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Self
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from parking_protocol.topics import PREFIX, TopicKind, denylist_topic, gate_topic
 
-__all__ = ["GatewayIdentity", "acl_text", "gateway_username", "main", "write_passwords"]
+__all__ = [
+    "CertificateAuthority",
+    "GatewayIdentity",
+    "acl_text",
+    "gateway_username",
+    "issue_certificate",
+    "main",
+    "write_passwords",
+    "write_tls",
+]
 
 CENTRAL_USER = "central"
 SYS_TOPICS = "$SYS/#"  # the broker's statistics: read-only, for the service and healthchecks
+DEFAULT_TLS_HOSTS = ("localhost", "127.0.0.1")
+CA_DAYS = 3650
+LEAF_DAYS = 825
+# Certificates are valid from a day before they are made: a Pi without a real-time clock
+# may boot with yesterday's time until NTP has synchronised.
+BACKDATE = timedelta(days=1)
 
 
 def gateway_username(lot_id: str, gate_id: str) -> str:
@@ -82,6 +117,172 @@ def acl_text(gateways: Iterable[GatewayIdentity], central_user: str = CENTRAL_US
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class CertificateAuthority:
+    """A private CA that signs the broker's and the gateways' certificates."""
+
+    key: ec.EllipticCurvePrivateKey
+    certificate: x509.Certificate
+
+    @classmethod
+    def create(cls, name: str = "qrpark broker CA", *, now: datetime | None = None) -> Self:
+        now = now or datetime.now(UTC)
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        certificate = (
+            _builder(subject, key.public_key(), now, CA_DAYS)
+            .issuer_name(subject)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()),
+                critical=False,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        return cls(key, certificate)
+
+    @classmethod
+    def load(cls, directory: Path) -> Self:
+        key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{directory / 'ca.key'} is not an EC key")
+        return cls(key, x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes()))
+
+    def write(self, directory: Path) -> None:
+        _write_key(directory / "ca.key", self.key)
+        (directory / "ca.crt").write_bytes(_pem(self.certificate))
+
+
+def _builder(
+    subject: x509.Name, public_key: ec.EllipticCurvePublicKey, now: datetime, days: int
+) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+
+
+def issue_certificate(
+    ca: CertificateAuthority,
+    common_name: str,
+    *,
+    server_hosts: Sequence[str] = (),
+    now: datetime | None = None,
+    days: int = LEAF_DAYS,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A new key and a certificate for it signed by ``ca``: a server certificate for
+    ``server_hosts`` (DNS names or IP addresses), else a client certificate."""
+    now = now or datetime.now(UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server_hosts else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        _builder(subject, key.public_key(), now, days)
+        .issuer_name(ca.certificate.subject)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+            critical=False,
+        )
+    )
+    if server_hosts:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([_general_name(host) for host in server_hosts]),
+            critical=False,
+        )
+    return key, builder.sign(ca.key, hashes.SHA256())
+
+
+def _general_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """Write ``key`` as PEM readable by its owner only (also when ``path`` existed)."""
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        os.fchmod(out.fileno(), 0o600)
+        out.write(pem)
+
+
+def _write_pair(
+    directory: Path, stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate
+) -> None:
+    _write_key(directory / f"{stem}.key", key)
+    (directory / f"{stem}.crt").write_bytes(_pem(cert))
+
+
+def _pem(certificate: x509.Certificate) -> bytes:
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def write_tls(
+    directory: Path,
+    gateways: Iterable[GatewayIdentity],
+    *,
+    server_hosts: Sequence[str] = DEFAULT_TLS_HOSTS,
+    now: datetime | None = None,
+) -> CertificateAuthority:
+    """Write the CA (reusing one already in ``directory``), the broker's certificate and
+    one client certificate per gateway (CN = its MQTT user); returns the CA."""
+    if not server_hosts:
+        raise ValueError("the broker's certificate needs at least one host name or address")
+    directory.mkdir(parents=True, exist_ok=True)
+    if (directory / "ca.key").exists() and (directory / "ca.crt").exists():
+        ca = CertificateAuthority.load(directory)
+    else:
+        ca = CertificateAuthority.create(now=now)
+        ca.write(directory)
+    key, cert = issue_certificate(ca, server_hosts[0], server_hosts=server_hosts, now=now)
+    _write_pair(directory, "server", key, cert)
+    for gw in gateways:
+        key, cert = issue_certificate(ca, gw.username, now=now)
+        _write_pair(directory, gw.username, key, cert)
+    return ca
+
+
 def write_passwords(path: Path, users: dict[str, str]) -> None:
     """Write a Mosquitto password file with hashed passwords (needs ``mosquitto_passwd``)."""
     tool = shutil.which("mosquitto_passwd")
@@ -96,16 +297,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory for acl, passwords")
     parser.add_argument("--central-password", required=True)
     parser.add_argument("--gateway", action="append", default=[], metavar="LOT/GATE:PASSWORD")
+    parser.add_argument(
+        "--tls",
+        type=Path,
+        metavar="DIR",
+        help="also write a CA, the broker's certificate and one client certificate per gateway",
+    )
+    parser.add_argument(
+        "--tls-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name or address gateways reach the broker by (repeatable; "
+        f"default {', '.join(DEFAULT_TLS_HOSTS)})",
+    )
     args = parser.parse_args(argv)
     try:
         gateways = [GatewayIdentity.parse(text) for text in args.gateway]
     except ValueError as exc:
         parser.error(str(exc))
-    if any(not gw.password for gw in gateways):
-        parser.error("every --gateway needs a password (lot/gate:password)")
+    if args.tls is None and any(not gw.password for gw in gateways):
+        parser.error("every --gateway needs a password (lot/gate:password) unless --tls is given")
+    if args.tls_host and args.tls is None:
+        parser.error("--tls-host needs --tls DIR")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "acl").write_text(acl_text(gateways))
-    users = {CENTRAL_USER: args.central_password} | {gw.username: gw.password for gw in gateways}
+    users = {CENTRAL_USER: args.central_password} | {
+        gw.username: gw.password for gw in gateways if gw.password
+    }
     write_passwords(args.out / "passwords", users)
     print(f"wrote {args.out / 'acl'} and {args.out / 'passwords'} ({len(users)} users)")
+    if args.tls is not None:
+        write_tls(args.tls, gateways, server_hosts=args.tls_host or DEFAULT_TLS_HOSTS)
+        print(f"wrote the CA, server and {len(gateways)} gateway certificates to {args.tls}")
     return 0

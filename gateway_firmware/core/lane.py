@@ -44,6 +44,11 @@ expired, a redelivered one only repeats its first answer. Without an answer with
 decision timeout the lane decides with the local verifier's offline policy and records
 that decision so the event is replayed with ``offline`` set.
 
+A code the lane uses up (the service opened for it, or the lane decided it offline) is
+named by a :class:`SpendCode` action ahead of the barrier moving: the app keeps the nonce
+on disk and gives it back to the next run's verifier, so a screenshot of a code still
+within its lifetime is refused as replayed even after a reboot.
+
 >>> # lane = Lane(lot_id="lot1", gate_id="in1", verifier=verifier, ...)
 >>> # lane.handle(CodeDecoded("QP1..."), now)
 >>> # [PublishEvent(event_id='...', code='QP1...', scanned_at=...), Show(text='Checking...'), ...]
@@ -57,7 +62,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from gateway_firmware.core.local_verify import LocalVerifier, offline_display_text
+from gateway_firmware.core.local_verify import LocalVerifier, SpentNonce, offline_display_text
 from parking_protocol.messages import CommandOutcome, GateCommand, OfflineDecision, new_id
 from parking_protocol.types import DENY_TEXT, GateAction, Reason
 
@@ -65,6 +70,7 @@ __all__ = [
     "CHECKING_TEXT",
     "IDLE_TEXT",
     "Action",
+    "BarrierFound",
     "CloseGate",
     "CodeDecoded",
     "CommandReceived",
@@ -81,6 +87,7 @@ __all__ = [
     "SendReply",
     "Show",
     "Signal",
+    "SpendCode",
     "StartTimer",
     "Tick",
     "TimerKind",
@@ -141,7 +148,13 @@ class Tick:
     """Time passed: deadlines (decision, hold open) are checked against ``now``."""
 
 
-LaneInput = CodeDecoded | CommandReceived | DecisionTimeout | PresenceChanged | Tick
+@dataclass(frozen=True, slots=True)
+class BarrierFound:
+    """At start (after a crash or a power loss): the barrier is up although nothing here
+    opened it. It is closed like any open barrier — once the lane is clear, never on a car."""
+
+
+LaneInput = CodeDecoded | CommandReceived | DecisionTimeout | PresenceChanged | Tick | BarrierFound
 
 
 # -- actions -----------------------------------------------------------------------------------
@@ -160,6 +173,19 @@ class RecordOffline:
 
     event_id: str
     decision: OfflineDecision
+
+
+@dataclass(frozen=True, slots=True)
+class SpendCode:
+    """A code is used up at this lane: keep its nonce durably until ``expires_at`` (before
+    the barrier moves), so a restarted lane still refuses it as replayed."""
+
+    nonce: str
+    expires_at: datetime
+
+    @classmethod
+    def of(cls, spent: SpentNonce) -> SpendCode:
+        return cls(spent.nonce, spent.expires_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +241,15 @@ class CommandRecord:
 
 
 Action = (
-    PublishEvent | RecordOffline | OpenGate | CloseGate | Show | Signal | StartTimer | SendReply
+    PublishEvent
+    | RecordOffline
+    | SpendCode
+    | OpenGate
+    | CloseGate
+    | Show
+    | Signal
+    | StartTimer
+    | SendReply
 )
 
 
@@ -296,6 +330,8 @@ class Lane:
                 return self._on_presence(present, now)
             case Tick():
                 return self._on_tick(now)
+            case BarrierFound():
+                return self._on_barrier_found(now)
 
     # -- transitions -----------------------------------------------------------------------
     def _on_code(self, code: str, now: datetime) -> list[Action]:
@@ -343,8 +379,9 @@ class Lane:
         if command.action is GateAction.OPEN:
             # Only a code that opened the gate is used up; after a deny (say, insufficient
             # balance) the driver may top up and show the same code again.
-            self.verifier.remember(awaiting.code, now)
+            spent = self.verifier.remember(awaiting.code, now)
             return [
+                *([SpendCode.of(spent)] if spent is not None else []),
                 *self._open(now, command.display, cid),
                 self._reply(cid, CommandOutcome.ACCEPTED),
             ]
@@ -384,14 +421,25 @@ class Lane:
             return self._close()
         return []
 
+    def _on_barrier_found(self, now: datetime) -> list[Action]:
+        if self._phase is not LaneState.IDLE:
+            return []
+        self._phase = LaneState.OPEN
+        self._open_until = now  # nobody is owed a hold: close as soon as the lane is clear
+        self._vehicle_seen_while_open = self.vehicle_present
+        self._opened_by = None
+        return self._on_tick(now)
+
     def _decide_offline(self, now: datetime) -> list[Action]:
         awaiting = self._awaiting
         if awaiting is None:
             return []
         self._awaiting = None
-        decision = self.verifier.decide(awaiting.code, now)
+        decision, spent = self.verifier.decide_spending(awaiting.code, now)
         text = offline_display_text(decision, self.verifier.direction)
         actions: list[Action] = [RecordOffline(awaiting.event_id, decision)]
+        if spent is not None:
+            actions.insert(0, SpendCode.of(spent))
         if decision.action is GateAction.OPEN:
             return actions + self._open(now, text, None)
         self._phase = LaneState.IDLE

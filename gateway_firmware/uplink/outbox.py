@@ -4,9 +4,10 @@ Every ScanEvent is written here BEFORE its first publish and stays until the cen
 answers it (a GateCommand or an EventAck naming its ``event_id``), so a power cut or a broker
 outage loses nothing: on reconnect :meth:`Outbox.pending` is replayed in order. The same
 database keeps the gateway's boot counter (incremented at every open), its event
-sequence number, which is monotonic across restarts, the lot's deny-list, and the answers
+sequence number, which is monotonic across restarts, the lot's deny-list, the answers
 to the most recent gate commands (so a command redelivered after a restart gets the same
-answer and is not executed twice).
+answer and is not executed twice), and the nonces of codes used up at this lane until
+they expire (so a screenshot shown again after a reboot is still refused offline).
 
 >>> from datetime import UTC, datetime
 >>> from parking_protocol.types import Direction
@@ -24,8 +25,10 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from gateway_firmware.core.local_verify import SpentNonce
 from parking_protocol.messages import (
     CommandOutcome,
     OfflineDecision,
@@ -53,7 +56,26 @@ CREATE TABLE IF NOT EXISTS command_replies (
     outcome TEXT NOT NULL,
     detail TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS spent_nonces (
+    n INTEGER PRIMARY KEY,
+    nonce TEXT NOT NULL UNIQUE,
+    expires_us INTEGER NOT NULL
+);
 """
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _to_us(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        raise ValueError("a timezone-aware datetime is needed")
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+def _from_us(value: int) -> datetime:
+    return _EPOCH + value * _MICROSECOND
+
 
 # One gate command's latest answer: (command_id, outcome, detail).
 CommandAnswer = tuple[str, CommandOutcome, str]
@@ -163,6 +185,29 @@ class Outbox:
         ).fetchall()
         return [(cid, CommandOutcome(outcome), detail) for cid, outcome, detail in reversed(rows)]
 
+    def save_spent_nonce(self, spent: SpentNonce, *, now: datetime, keep: int = 10_000) -> None:
+        """Remember that ``spent`` is used up here until it expires; forget expired ones and
+        all but the ``keep`` most recent (the verifier's own bound)."""
+        with self._transaction():
+            self._conn.execute(
+                "INSERT OR REPLACE INTO spent_nonces (nonce, expires_us) VALUES (?, ?)",
+                (spent.nonce, _to_us(spent.expires_at)),
+            )
+            self._prune_spent(now)
+            self._conn.execute(
+                "DELETE FROM spent_nonces WHERE n <= (SELECT MAX(n) FROM spent_nonces) - ?",
+                (keep,),
+            )
+
+    def load_spent_nonces(self, now: datetime) -> list[SpentNonce]:
+        """The nonces still unexpired at ``now``, oldest first (expired ones are deleted)."""
+        with self._transaction():
+            self._prune_spent(now)
+            rows = self._conn.execute(
+                "SELECT nonce, expires_us FROM spent_nonces ORDER BY n"
+            ).fetchall()
+        return [SpentNonce(nonce, _from_us(expires)) for nonce, expires in rows]
+
     # -- reads ---------------------------------------------------------------------------------
     def get(self, event_id: str) -> ScanEvent | None:
         return self._get(event_id)
@@ -191,6 +236,9 @@ class Outbox:
             "SELECT payload FROM outbox WHERE event_id = ?", (event_id,)
         ).fetchone()
         return None if row is None else decode(row[0], ScanEvent)
+
+    def _prune_spent(self, now: datetime) -> None:
+        self._conn.execute("DELETE FROM spent_nonces WHERE expires_us <= ?", (_to_us(now),))
 
     def _bump(self, key: str) -> int:
         (value,) = self._conn.execute(

@@ -427,3 +427,35 @@ async def test_late_answer_that_agrees_with_the_offline_decision_settles_the_eve
     await eventually(lambda: h.gateway.outbox.depth == 0)
     assert len(h.server.events) == 1
     assert h.gateway.stats.late_disagreements == 0
+
+
+@pytest.mark.parametrize("first_use", ["offline", "online"])
+async def test_a_used_code_is_refused_as_replayed_after_a_restart(
+    harness_factory: Callable[..., Any], issue: Callable[..., str], first_use: str
+) -> None:
+    """Offline double use at one gate across a reboot: a screenshot of a code still within
+    its lifetime is refused locally, because the spent nonce is kept in the outbox file."""
+    first: Harness = await harness_factory()
+    if first_use == "offline":
+        await first.broker.stop()  # the lot's network is down, and stays down
+    code = issue("alice")
+    first.camera.push_code(code)
+    await eventually(lambda: first.gate.is_open, what=f"{first_use} open")
+    assert first.gateway.stats.offline_decisions == (1 if first_use == "offline" else 0)
+    await first.stop()
+    first.gateway.close()
+
+    if first_use == "online":
+        await first.broker.stop()
+    second: Harness = await harness_factory()  # a new app object on the same outbox file
+    assert second.gateway.boot == 2
+    assert not second.gateway.uplink.connected
+    second.clock.advance(timedelta(seconds=30))  # the code has 30 s of its 60 s left
+    second.camera.push_code(code)
+    await eventually(lambda: second.display.last == DENY_TEXT[Reason.CODE_REPLAYED])
+    assert second.gateway.lane.local_denials[Reason.CODE_REPLAYED] == 1
+    assert second.gate.events() == []
+    assert second.gateway.stats.offline_decisions == 0  # refused before any decision
+    # Another driver's fresh code still opens offline: only the used one is refused.
+    second.camera.push_code(issue("bob"))
+    await eventually(lambda: second.gate.is_open, what="a fresh code opens offline")

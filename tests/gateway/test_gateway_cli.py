@@ -52,6 +52,27 @@ def test_two_devices_on_one_pin_exit_2_naming_both_fields(
     assert not (tmp_path / "o.db").exists()  # refused before anything started
 
 
+def test_a_missing_client_certificate_exits_2_naming_the_field(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    make_settings: Callable[..., GatewaySettings],
+) -> None:
+    key = make_settings().public_keys["k1"]
+    path = tmp_path / "g.toml"
+    path.write_text(
+        'lot_id = "lot1"\ngate_id = "in1"\ndirection = "entry"\nhardware = "sim"\n'
+        'broker_url = "mqtts://broker.example:8883"\n'
+        f'outbox_path = "{tmp_path / "o.db"}"\n'
+        f'[tls]\ncert_file = "{tmp_path / "gw.crt"}"\nkey_file = "{tmp_path / "gw.key"}"\n'
+        f'[public_keys]\nk1 = "{key}"\n'
+    )
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "tls.cert_file" in err
+    assert "QRPARK_GW_TLS__CERT_FILE" in err
+    assert not (tmp_path / "o.db").exists()
+
+
 def test_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--config", str(tmp_path / "none.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err

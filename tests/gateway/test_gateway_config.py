@@ -1,14 +1,20 @@
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gateway_firmware.app import make_transport, tls_context
 from gateway_firmware.config import ConfigError, GatewaySettings, load_settings, pin_identity
+from parking_protocol.clock import FakeClock
+from parking_protocol.mqtt import MqttTransport
 from parking_protocol.qr_token import public_key_text
 from parking_protocol.types import Direction
+from qrpark.broker import GatewayIdentity, write_tls
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "gateway_firmware" / "gateway.example.toml"
 
@@ -170,3 +176,109 @@ def test_pin_identity_agrees_with_gpiozero_on_every_header_pin() -> None:
             assert {pin_identity(name) for name in names} == {expected}, info
     finally:
         factory.close()
+
+
+# -- TLS with a client certificate -----------------------------------------------------------
+TLS_URL = 'broker_url = "mqtts://127.0.0.1:8883"'
+
+
+@pytest.fixture
+def tls_dir(tmp_path: Path) -> Path:
+    """A CA, a broker certificate and client certificates for lot1/out1 and lot1/in1."""
+    directory = tmp_path / "tls"
+    write_tls(directory, [GatewayIdentity("lot1", "out1"), GatewayIdentity("lot1", "in1")])
+    (directory / "garbage.pem").write_text("-----BEGIN CERTIFICATE-----\nnope\n")
+    return directory
+
+
+def tls_table(tls_dir: Path, **files: str | None) -> str:
+    """A [tls] table for gateway lot1/out1; ``files`` replace (or with None drop) entries."""
+    entries: dict[str, str | None] = {
+        "ca_file": "ca.crt",
+        "cert_file": "gw-lot1-out1.crt",
+        "key_file": "gw-lot1-out1.key",
+    }
+    entries.update(files)
+    lines = [f'{k} = "{tls_dir / v}"' for k, v in entries.items() if v is not None]
+    return "[tls]\n" + "\n".join(lines)
+
+
+def test_tls_files_are_loaded_into_the_transports_context(
+    write_config: Callable[..., Path], tls_dir: Path
+) -> None:
+    settings = load_settings(write_config(f"{TLS_URL}\n{tls_table(tls_dir)}"))
+    assert settings.tls.cert_file == tls_dir / "gw-lot1-out1.crt"
+    context = tls_context(settings)
+    assert context is not None
+    assert context.verify_mode is ssl.CERT_REQUIRED
+    assert context.check_hostname
+    assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert [c["subject"] for c in context.get_ca_certs()] == [
+        ((("commonName", "qrpark broker CA"),),)
+    ]
+    transport = make_transport(settings, boot=1, clock=FakeClock())
+    assert isinstance(transport, MqttTransport)
+    # Without TLS there is no context; mqtts:// alone uses the system's trust store.
+    assert tls_context(load_settings(write_config())) is None
+    plain_tls = tls_context(load_settings(write_config(TLS_URL)))
+    assert plain_tls is not None
+    assert plain_tls.verify_mode is ssl.CERT_REQUIRED
+
+
+def test_tls_files_can_come_from_the_environment(
+    write_config: Callable[..., Path], tls_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QRPARK_GW_BROKER_URL", "mqtts://broker.example:8883")
+    monkeypatch.setenv("QRPARK_GW_TLS__CA_FILE", str(tls_dir / "ca.crt"))
+    monkeypatch.setenv("QRPARK_GW_TLS__CERT_FILE", str(tls_dir / "gw-lot1-out1.crt"))
+    monkeypatch.setenv("QRPARK_GW_TLS__KEY_FILE", str(tls_dir / "gw-lot1-out1.key"))
+    settings = load_settings(write_config())
+    assert settings.tls.key_file == tls_dir / "gw-lot1-out1.key"
+
+
+@pytest.mark.parametrize(
+    ("files", "error"),
+    [
+        ({"ca_file": "missing.crt"}, r"tls\.ca_file: .*missing\.crt does not exist"),
+        ({"ca_file": "gw-lot1-out1.key"}, r"tls\.ca_file: .*not a PEM CA certificate"),
+        ({"ca_file": "."}, r"tls\.ca_file: .*is a directory"),
+        ({"cert_file": "garbage.pem"}, r"tls\.cert_file: .*not a PEM certificate"),
+        ({"key_file": "missing.key"}, r"tls\.key_file: .*does not exist"),
+        ({"key_file": "ca.crt"}, r"tls\.key_file: .*not a PEM private key"),
+        ({"key_file": "gw-lot1-in1.key"}, r"tls: .*is not the key of cert_file"),
+        ({"key_file": None}, r"tls: .*cert_file and key_file go together: key_file is missing"),
+        (
+            {"cert_file": "gw-lot1-in1.crt", "key_file": "gw-lot1-in1.key"},
+            r"tls\.cert_file: the certificate is for 'gw-lot1-in1', this gateway is "
+            r"'gw-lot1-out1'",
+        ),
+    ],
+)
+def test_bad_tls_files_are_refused_at_start_naming_the_field(
+    write_config: Callable[..., Path], tls_dir: Path, files: dict[str, str | None], error: str
+) -> None:
+    with pytest.raises(ConfigError, match=error):
+        load_settings(write_config(f"{TLS_URL}\n{tls_table(tls_dir, **files)}"))
+
+
+def test_an_encrypted_client_key_is_refused(
+    write_config: Callable[..., Path], tls_dir: Path
+) -> None:
+    key = serialization.load_pem_private_key((tls_dir / "gw-lot1-out1.key").read_bytes(), None)
+    (tls_dir / "locked.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(ConfigError, match=r"tls\.key_file: .*encrypted"):
+        load_settings(write_config(f"{TLS_URL}\n{tls_table(tls_dir, key_file='locked.key')}"))
+
+
+def test_tls_files_with_a_plain_mqtt_url_are_refused(
+    write_config: Callable[..., Path], tls_dir: Path
+) -> None:
+    """They would silently not be used: the gateway would send its password in clear."""
+    with pytest.raises(ConfigError, match=r"broker_url 'mqtt://127\.0\.0\.1:1883' is not mqtts"):
+        load_settings(write_config(tls_table(tls_dir)))

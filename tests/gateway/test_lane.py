@@ -13,6 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from gateway_firmware.core.lane import (
     Action,
+    BarrierFound,
     CloseGate,
     CodeDecoded,
     CommandReceived,
@@ -28,11 +29,12 @@ from gateway_firmware.core.lane import (
     SendReply,
     Show,
     Signal,
+    SpendCode,
     Tick,
 )
 from gateway_firmware.core.local_verify import LocalVerifier
 from parking_protocol.messages import CommandOutcome, GateCommand, new_id
-from parking_protocol.qr_token import issue_code
+from parking_protocol.qr_token import issue_code, verify_code
 from parking_protocol.types import DENY_TEXT, Direction, GateAction, Reason
 
 T0 = datetime(2026, 1, 1, 8, 0, tzinfo=UTC)
@@ -143,6 +145,34 @@ def test_no_answer_within_the_timeout_decides_offline(key: Ed25519PrivateKey) ->
     late = command(event_id, T0)
     reply = lane.handle(CommandReceived(late), T0 + DECISION + timedelta(seconds=1))
     assert reply == [SendReply(late.command_id, CommandOutcome.REJECTED, "not awaiting this event")]
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_a_used_up_code_is_spent_before_the_barrier_moves(
+    key: Ed25519PrivateKey, online: bool
+) -> None:
+    """The app keeps SpendCode on disk before it carries out OpenGate (a reboot forgets
+    nothing); the nonce is the code's own and lives as long as the code."""
+    lane = make_lane(key)
+    code = code_for(key)
+    event_id = scan(lane, code)
+    if online:
+        actions = lane.handle(CommandReceived(command(event_id, T0)), T0)
+    else:
+        actions = lane.handle(Tick(), T0 + DECISION)
+    (spend,) = of(SpendCode, actions)
+    assert actions.index(spend) < actions.index(OpenGate())
+    claims = verify_code(code, {"k1": key.public_key()}, now=T0)
+    assert spend == SpendCode(claims.nonce, claims.expires_at)
+    assert spend.nonce in lane.verifier.nonces
+
+
+def test_a_denied_code_is_not_spent(key: Ed25519PrivateKey) -> None:
+    """After a deny (say, low balance) the driver may top up and show the same code again."""
+    lane = make_lane(key)
+    event_id = scan(lane, code_for(key))
+    deny = command(event_id, T0, action=GateAction.DENY, display="Top up")
+    assert of(SpendCode, lane.handle(CommandReceived(deny), T0)) == []
 
 
 @pytest.mark.parametrize(
@@ -450,3 +480,21 @@ def test_property_machine_can_fail(key: Ed25519PrivateKey) -> None:
     machine.now += HOLD
     with pytest.raises(AssertionError, match="CloseGate while a vehicle is present"):
         machine.feed(Tick())
+
+
+def test_a_barrier_found_up_at_start_closes_once_the_lane_is_clear(
+    key: Ed25519PrivateKey,
+) -> None:
+    """After a power loss with the barrier up, the next cars do not drive through for free;
+    and a car still under it is never closed on."""
+    lane = make_lane(key)
+    lane.handle(PresenceChanged(True), T0)
+    assert lane.handle(BarrierFound(), T0) == []  # a car under it: stays up
+    assert lane.state is LaneState.OPEN
+    actions = lane.handle(PresenceChanged(False), T0 + timedelta(seconds=2))
+    assert any(isinstance(a, CloseGate) for a in actions)
+    assert lane.state is LaneState.IDLE
+
+    empty = make_lane(key)
+    assert any(isinstance(a, CloseGate) for a in empty.handle(BarrierFound(), T0))
+    assert empty.state is LaneState.IDLE

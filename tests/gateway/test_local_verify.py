@@ -103,3 +103,35 @@ def test_nonce_cache_forgets_expired_codes_and_stays_bounded(clock: FakeClock) -
 def test_offline_display_texts(verifier: LocalVerifier, clock: FakeClock) -> None:
     denied = verifier.decide("junk", clock.now())
     assert offline_display_text(denied, Direction.ENTRY) == DENY_TEXT[Reason.CODE_MALFORMED]
+
+
+def test_nonces_restored_from_the_last_run_are_refused_as_replayed(
+    signing_key: Ed25519PrivateKey, issue: Callable[..., str], clock: FakeClock
+) -> None:
+    code = issue()
+    before = LocalVerifier({"k1": signing_key.public_key()}, Direction.ENTRY, allow=True)
+    decision, spent = before.decide_spending(code, clock.now())
+    assert decision.action is GateAction.OPEN
+    assert spent is not None
+    assert before.nonces.entries() == [spent]
+
+    after = LocalVerifier({"k1": signing_key.public_key()}, Direction.ENTRY, allow=True)
+    clock.advance(timedelta(seconds=30))
+    after.restore_spent([spent], clock.now())
+    assert after.decide(code, clock.now()).reason is Reason.CODE_REPLAYED
+
+
+def test_expired_nonces_are_not_restored(
+    verifier: LocalVerifier, issue: Callable[..., str], clock: FakeClock
+) -> None:
+    spent = verifier.remember(issue(), clock.now())
+    assert spent is not None
+    fresh = LocalVerifier({}, Direction.ENTRY, allow=True)
+    fresh.restore_spent([spent], spent.expires_at)
+    assert len(fresh.nonces) == 0
+
+
+def test_a_refused_code_spends_nothing(verifier: LocalVerifier, clock: FakeClock) -> None:
+    assert verifier.decide_spending("junk", clock.now())[1] is None
+    assert verifier.remember("junk", clock.now()) is None
+    assert len(verifier.nonces) == 0

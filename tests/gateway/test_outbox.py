@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import sqlite3
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from gateway_firmware.core.local_verify import SpentNonce
 from gateway_firmware.uplink.outbox import Outbox
 from parking_protocol.messages import CommandOutcome, OfflineDecision, ScanEvent
 from parking_protocol.types import Direction, GateAction, Reason
@@ -121,3 +122,32 @@ def test_command_answers_survive_a_reopen_bounded_and_updated_in_place(tmp_path:
             ("c4", CommandOutcome.REJECTED, "not awaiting"),
         ]
         assert [cid for cid, _, _ in reopened.load_command_answers(limit=2)] == ["c3", "c4"]
+
+
+def test_spent_nonces_survive_a_reopen_until_they_expire(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    exp = T0 + timedelta(seconds=60)
+    with Outbox(path) as box:
+        box.save_spent_nonce(SpentNonce("n-early", T0 + timedelta(seconds=10)), now=T0)
+        box.save_spent_nonce(SpentNonce("n-late", exp), now=T0)
+    with Outbox(path) as reopened:
+        assert reopened.load_spent_nonces(T0) == [
+            SpentNonce("n-early", T0 + timedelta(seconds=10)),
+            SpentNonce("n-late", exp),
+        ]
+        # Expired ones are pruned from the file, not only filtered out.
+        assert reopened.load_spent_nonces(T0 + timedelta(seconds=10)) == [SpentNonce("n-late", exp)]
+        (rows,) = reopened._conn.execute("SELECT COUNT(*) FROM spent_nonces").fetchone()
+        assert rows == 1
+        assert reopened.load_spent_nonces(exp) == []
+
+
+def test_spent_nonces_are_bounded_and_pruned_on_save(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "outbox.db") as box:
+        box.save_spent_nonce(SpentNonce("old", T0 + timedelta(seconds=1)), now=T0)
+        later = T0 + timedelta(seconds=5)
+        for i in range(5):
+            box.save_spent_nonce(
+                SpentNonce(f"n{i}", later + timedelta(seconds=60)), now=later, keep=3
+            )
+        assert [s.nonce for s in box.load_spent_nonces(later)] == ["n2", "n3", "n4"]
