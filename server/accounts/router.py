@@ -21,6 +21,7 @@ from server.deps import CentralDep, NowDep, SessionDep
 from server.idempotency import KEY_RESPONSES, in_flight
 from server.panel import actions
 from server.panel.deps import PanelDep
+from server.payments.busy import busy_means_retry
 
 __all__ = ["router", "svg_qr"]
 
@@ -68,7 +69,10 @@ def get_account(account_id: str, caller: AccountReader, db: SessionDep) -> Accou
     "/{account_id}/topups",
     status_code=status.HTTP_201_CREATED,
     response_model=TopupRead,
-    responses=KEY_RESPONSES,
+    responses={
+        **KEY_RESPONSES,
+        503: {"description": "The database was busy: retry with the same key"},
+    },
 )
 def create_topup(
     account_id: str,
@@ -80,7 +84,9 @@ def create_topup(
     central: CentralDep,
     now: NowDep,
 ) -> JSONResponse:
-    with in_flight(central.engine, db, scope=f"topup:{account_id}", key=idempotency_key, now=now):
+    scope = f"topup:{account_id}"
+    key = idempotency_key
+    with busy_means_retry(db), in_flight(central.engine, db, scope=scope, key=key, now=now):
         outcome = service.topup(
             db, account_id, data.amount_minor, idempotency_key=idempotency_key, now=now
         )

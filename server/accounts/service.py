@@ -36,6 +36,7 @@ __all__ = [
     "charge",
     "commit_topup",
     "create_account",
+    "credit_wallet",
     "debt",
     "find_topup",
     "get_account",
@@ -62,9 +63,11 @@ def require_account(db: Session, account_id: str) -> Account:
 def lock_account(db: Session, account_id: str) -> Account | None:
     """The account's row, locked until the transaction ends and re-read.
 
-    Whatever spends or credits a wallet takes this lock (after the stay's, if it has one)
-    before reading the balance it decides on: on PostgreSQL two spenders of one wallet
-    then wait for each other instead of both seeing the same money.
+    Whatever spends or credits a wallet takes this lock before reading the balance it
+    decides on: on PostgreSQL two spenders of one wallet then wait for each other instead
+    of both seeing the same money. Stays are locked before it, never after (the stay being
+    paid, then the stays of the debts to be collected, by ``session_id``): see
+    :func:`server.payments.debts.lock_stays`.
     """
     return db.exec(
         select(Account)
@@ -202,8 +205,13 @@ def stage_topup(
     provider_ref: str | None = None,
 ) -> TopupOutcome:
     """Post ``source`` -> wallet, collect debts and store the answer, uncommitted (a replay if
-    the key was used): the caller adds what belongs with it and calls :func:`commit_topup`."""
-    account = lock_account(db, account_id)  # then debts are collected from a settled balance
+    the key was used): the caller adds what belongs with it and calls :func:`commit_topup`.
+
+    Locks the stays of the account's debts (collecting one updates its stay), then the
+    account, so debts are collected from a settled balance without inverting the lock
+    order of a refund (stay, then account)."""
+    locked = debts.lock_stays(db, account_id)
+    account = lock_account(db, account_id)
     if account is None:
         raise NotFoundError(f"account {account_id!r} not found")
     replay = find_topup(db, account_id, idempotency_key, request_hash)
@@ -218,7 +226,7 @@ def stage_topup(
         reference=f"topup:{idempotency_key}",
         now=now,
     )
-    collected = debts.collect_from_wallet(db, account, now=now)
+    collected = debts.collect_from_wallet(db, account, now=now, locked=locked)
     response = TopupRead(
         transaction_id=transaction_id,
         account_id=account_id,
@@ -241,6 +249,52 @@ def stage_topup(
         )
     )
     return TopupOutcome(response, replayed=False)
+
+
+def credit_wallet(
+    db: Session,
+    account: Account,
+    amount_minor: int,
+    *,
+    source: str,
+    key: str,
+    provider_ref: str | None,
+    now: datetime,
+) -> str:
+    """Credit ``amount_minor`` from ``source`` (a card's clearing) to the wallet, recorded as
+    a card top-up under ``key`` (so it is listed and audited like one); debts are left for
+    the next top-up or charge. Uncommitted; returns the ledger transaction id."""
+    transaction_id = book.post(
+        db,
+        kind="topup",
+        account_id=account.account_id,
+        postings=topup_postings(account.account_id, amount_minor, source),
+        currency=account.currency,
+        reference=f"topup:{key}",
+        now=now,
+    )
+    response = TopupRead(
+        transaction_id=transaction_id,
+        account_id=account.account_id,
+        amount_minor=amount_minor,
+        currency=account.currency,
+        balance_minor=balance(db, account.account_id, account.currency),
+        created_at=now,
+        method="card",
+        provider_ref=provider_ref,
+    )
+    db.add(
+        TopupRequest(
+            account_id=account.account_id,
+            idempotency_key=key[:200],
+            request_hash=topup_request_hash(account.account_id, amount_minor, credit=key),
+            transaction_id=transaction_id,
+            response_json=response.model_dump_json(),
+            created_at=now,
+        )
+    )
+    db.flush()
+    return transaction_id
 
 
 def commit_topup(

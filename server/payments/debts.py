@@ -4,10 +4,15 @@ A debt is a ``payments`` row with ``method == "debt"`` and ``status == "owed"`` 
 ledger transaction (``debt:{account}`` -> lot revenue). Collecting it posts
 ``wallet`` (or the card's clearing) -> ``debt:{account}`` and marks the row ``collected``.
 Debts are collected whole, oldest first, so every stay is either owed or paid.
+
+Collecting a debt updates its stay's row, so whoever collects locks those stays first
+(:func:`lock_stays`, in ``session_id`` order) and the account after them: the order every
+money path uses (see :mod:`server.payments.service`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 
 from sqlmodel import Session, col, select
@@ -19,7 +24,7 @@ from server.accounts.models import Account
 from server.payments.models import Payment
 from server.sessions.models import ParkingSession
 
-__all__ = ["collect_from_wallet", "mark_collected", "owed"]
+__all__ = ["collect_from_wallet", "collectable", "lock_stays", "mark_collected", "owed", "split"]
 
 
 def owed(db: Session, account_id: str) -> list[Payment]:
@@ -31,6 +36,52 @@ def owed(db: Session, account_id: str) -> list[Payment]:
             .order_by(col(Payment.created_at), col(Payment.payment_id))
         ).all()
     )
+
+
+def lock_stays(db: Session, account_id: str) -> frozenset[str]:
+    """Lock the rows of the stays the account's debts are for, in ``session_id`` order;
+    returns their ids. Call it before locking the account: collecting a debt updates its
+    stay, and a refund of that stay holds the stay's row while it waits for the account."""
+    ids = sorted({d.session_id for d in owed(db, account_id) if d.session_id is not None})
+    if ids:
+        db.exec(
+            select(ParkingSession.session_id)
+            .where(col(ParkingSession.session_id).in_(ids))
+            .order_by(col(ParkingSession.session_id))
+            .with_for_update()
+        ).all()
+    return frozenset(ids)
+
+
+def collectable(debt: Payment, locked: Collection[str] | None) -> bool:
+    """Whether ``debt`` may be collected by a transaction that locked the stays ``locked``
+    (None: the caller needs no stay lock, as on SQLite's single writer)."""
+    return locked is None or debt.session_id is None or debt.session_id in locked
+
+
+def split(db: Session, debt: Payment, keep_minor: int, rest_key: str) -> Payment:
+    """Owe ``debt`` as two: ``keep_minor`` of it under its own key, the rest as a new debt
+    under ``rest_key`` (a provider key not bound to another amount). One ledger transaction
+    still backs both, so the debt account's balance is unchanged."""
+    if not 0 < keep_minor < debt.amount_minor:
+        raise ValueError("a debt is split into two positive parts")
+    rest = Payment(
+        payment_id=new_id(),
+        idempotency_key=rest_key,
+        session_id=debt.session_id,
+        account_id=debt.account_id,
+        lot_id=debt.lot_id,
+        method="debt",
+        status="owed",
+        amount_minor=debt.amount_minor - keep_minor,
+        currency=debt.currency,
+        transaction_id=debt.transaction_id,
+        created_at=debt.created_at,
+    )
+    debt.amount_minor = keep_minor
+    db.add_all([debt, rest])
+    db.flush()
+    return rest
 
 
 def mark_collected(
@@ -78,9 +129,15 @@ def mark_collected(
     return collection
 
 
-def collect_from_wallet(db: Session, account: Account, *, now: datetime) -> int:
-    """Pay off whole debts, oldest first, while the wallet covers them; returns the total."""
-    debts = owed(db, account.account_id)
+def collect_from_wallet(
+    db: Session, account: Account, *, now: datetime, locked: Collection[str] | None = None
+) -> int:
+    """Pay off whole debts, oldest first, while the wallet covers them; returns the total.
+
+    ``locked``: the stays the caller locked (:func:`lock_stays`); a debt that appeared for
+    another stay since is left for the next top-up rather than locked out of order.
+    """
+    debts = [d for d in owed(db, account.account_id) if collectable(d, locked)]
     if not debts:
         return 0
     available = book.balance_of(db, wallet_account(account.account_id), account.currency)

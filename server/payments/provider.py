@@ -19,10 +19,14 @@ every call is recorded on ``calls`` so tests assert on what happened::
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Protocol
+from typing import ClassVar, Literal, Protocol, TypeVar
 
 from sqlmodel import Session
 
@@ -31,8 +35,13 @@ from parking_protocol.types import Money
 from server.accounts import book
 from server.accounts.ledger import clearing_account, wallet_account
 
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
 __all__ = [
+    "DEFAULT_CALL_TIMEOUT_S",
     "Authorisation",
+    "BoundedProvider",
     "CardOutcome",
     "ChargeContext",
     "PaymentDeclined",
@@ -243,14 +252,78 @@ class SandboxCardProvider:
             return sum(self._captured.values())
 
 
+DEFAULT_CALL_TIMEOUT_S = 5.0
+"""How long one call to a card provider may take before it counts as a timeout."""
+
+
+@dataclass
+class BoundedProvider:
+    """Another provider whose calls give up after ``timeout_s``: a :class:`PaymentTimeout`.
+
+    The call goes on in a worker thread and its answer is dropped, as if the network had
+    lost it; the provider's idempotency keys make the retry find what it did. So a slow
+    card network cannot hold a scan (and, on SQLite, the database's write lock) for longer
+    than the bound. A void that times out is given up (it only releases a hold). The
+    wrapped provider runs off the caller's thread, so it must not use ``ctx.db`` (a card
+    network never does; the wallet, which does, is never wrapped).
+    """
+
+    inner: PaymentProvider
+    timeout_s: float
+    pool: ThreadPoolExecutor
+    name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = self.inner.name
+
+    def _bounded(self, operation: str, call: Callable[[], _T]) -> _T:
+        future = self.pool.submit(call)
+        try:
+            return future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            future.cancel()  # not started yet (every worker busy): it never runs
+            raise PaymentTimeout(f"{operation}_timeout") from None
+
+    def source_account(self, account_id: str) -> str:
+        return self.inner.source_account(account_id)
+
+    def authorise(self, ctx: ChargeContext, amount: Money, *, key: str) -> Authorisation:
+        return self._bounded("authorise", lambda: self.inner.authorise(ctx, amount, key=key))
+
+    def capture(self, ctx: ChargeContext, auth: Authorisation, *, key: str) -> str:
+        return self._bounded("capture", lambda: self.inner.capture(ctx, auth, key=key))
+
+    def void(self, ctx: ChargeContext, auth: Authorisation) -> None:
+        try:
+            self._bounded("void", lambda: self.inner.void(ctx, auth))
+        except PaymentTimeout:
+            log.warning("void of %s not confirmed in %ss", auth.auth_id, self.timeout_s)
+
+    def refund(self, ctx: ChargeContext, capture_ref: str, amount: Money, *, key: str) -> str:
+        return self._bounded("refund", lambda: self.inner.refund(ctx, capture_ref, amount, key=key))
+
+
 @dataclass
 class PaymentProviders:
-    """The providers a service uses, by payment method name."""
+    """The providers a service uses, by payment method name.
+
+    :meth:`get` hands out the card provider bounded by ``call_timeout_s`` (None: unbounded);
+    the wallet is only the ledger, never waited on.
+    """
 
     wallet: PaymentProvider = field(default_factory=WalletProvider)
     card: PaymentProvider = field(default_factory=SandboxCardProvider)
+    call_timeout_s: float | None = DEFAULT_CALL_TIMEOUT_S
+    _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+    _pool_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def get(self, method: str) -> PaymentProvider:
-        if method == "card":
+        if method != "card":
+            return self.wallet
+        if self.call_timeout_s is None:
             return self.card
-        return self.wallet
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="payments")
+            pool = self._pool
+        return BoundedProvider(self.card, self.call_timeout_s, pool)

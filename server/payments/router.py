@@ -18,6 +18,7 @@ from server.errors import ConflictError
 from server.idempotency import KEY_RESPONSES, in_flight
 from server.lots import service as lots
 from server.payments import receipts, service
+from server.payments.busy import busy_means_retry
 from server.payments.models import (
     CardSet,
     PaymentMethodRead,
@@ -184,7 +185,10 @@ def quote_open_session(
     responses={
         **KEY_RESPONSES,
         402: {"description": "Declined: top up or change the card"},
-        503: {"description": "The provider did not confirm: retry with the same key"},
+        503: {
+            "description": "The provider did not confirm, or the database was busy: retry "
+            "with the same key"
+        },
     },
 )
 def pay_session(
@@ -199,21 +203,26 @@ def pay_session(
 ) -> JSONResponse:
     """Pay an open stay before driving to the exit (then the exit opens within the grace)."""
     scope = f"session-pay:{session_id}"
-    with in_flight(central.engine, db, scope=scope, key=key, now=now):
+    with busy_means_retry(db), in_flight(central.engine, db, scope=scope, key=key, now=now):
         parking = sessions.require_session(db, session_id)
         lot = lots.require_lot(db, parking.lot_id)
         account = accounts.require_account(db, parking.account_id)
         replayed = service.already_done(db, scope, key)
-        result = service.pay_open_session(
-            db,
-            central.flow_config.payments,
-            lot=lot,
-            parking=parking,
-            account=account,
-            method=data.method,
-            key=key,
-            now=now,
-        )
+        try:
+            result = service.pay_open_session(
+                db,
+                central.flow_config.payments,
+                lot=lot,
+                parking=parking,
+                account=account,
+                method=data.method,
+                key=key,
+                now=now,
+            )
+        except (service.PaymentRequired, service.PaymentUnavailable) as refused:
+            if refused.booked_minor:
+                _commit(db)  # what the card took counts toward the stay, refused or not
+            raise
         _commit(db)
     return _created(result, replayed)
 
@@ -225,7 +234,10 @@ def pay_session(
     responses={
         **KEY_RESPONSES,
         409: {"description": "Nothing left to refund"},
-        503: {"description": "The provider did not confirm: retry with the same key"},
+        503: {
+            "description": "The provider did not confirm, or the database was busy: retry "
+            "with the same key"
+        },
     },
 )
 def refund_session(
@@ -241,7 +253,8 @@ def refund_session(
     """An operator's full or partial refund, with a reason; recorded in the audit log under
     the caller's identity (a client-sent ``actor`` is replaced)."""
     data = data.model_copy(update={"actor": operator.actor[:100]})
-    with in_flight(central.engine, db, scope=f"refund:{session_id}", key=key, now=now):
+    scope = f"refund:{session_id}"
+    with busy_means_retry(db), in_flight(central.engine, db, scope=scope, key=key, now=now):
         parking = sessions.require_session(db, session_id)
         refunds, replayed = service.refund_session(
             db, central.flow_config.payments, parking=parking, data=data, key=key, now=now

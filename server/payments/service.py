@@ -4,11 +4,25 @@ Every function works inside the caller's transaction; the exit flow calls :func:
 inside the scan event's SAVEPOINT, so the payment, its postings and the processed-event
 record commit together.
 
-Concurrency: whatever moves a stay's money locks rows in one order, the stay's row, then
-the account's (``SELECT ... FOR UPDATE``), and reads what it decides on after locking. On
-PostgreSQL that serialises two settlements of one wallet, a payment in advance racing the
-exit scan, and two refunds of one stay; SQLite's ``BEGIN IMMEDIATE`` already serialises
-every writing transaction (and ignores ``FOR UPDATE``).
+Concurrency: whatever moves money locks rows in one order (``SELECT ... FOR UPDATE``):
+stays first, then the account. The stay being paid or refunded comes first; then the stays
+of the account's debts that will be collected (collecting one updates its stay), by
+``session_id`` (:func:`server.payments.debts.lock_stays`); then the account's row. What a
+decision rests on is read after locking. The stay being paid is open and a debt's stay is
+closed, so no transaction waits for a stay another holds as its first while holding one
+that other needs: no deadlock between settlements, payments in advance, refunds and
+top-ups. On PostgreSQL that serialises two settlements of one wallet, a payment in advance
+racing the exit scan, two refunds of one stay, and a refund racing a top-up that collects
+that stay's debt; SQLite's ``BEGIN IMMEDIATE`` already serialises every writing
+transaction (and ignores ``FOR UPDATE``).
+
+Provider calls are bounded in time (``PaymentProviders.call_timeout_s``; past it a call
+is a :class:`~server.payments.provider.PaymentTimeout`, which a retry with the key
+resolves). On SQLite every path here but a card top-up still holds the write lock while the
+card provider answers; the plan is to give settle, payments in advance, refunds and debt
+collection the card top-up's two phases (ask the provider with no transaction open, then
+lock, re-check and book; a lost race books what the provider took and refunds or owes the
+difference), the scan flow answering "scan again" meanwhile.
 """
 
 from __future__ import annotations
@@ -16,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal, TypeVar
 
@@ -29,7 +43,7 @@ from parking_protocol.types import Money
 from server.accounts import book
 from server.accounts.ledger import debt_account, payment_postings, refund_postings
 from server.accounts.models import Account
-from server.accounts.service import lock_account
+from server.accounts.service import credit_wallet, lock_account
 from server.audit import service as audit
 from server.errors import ConflictError, DomainError, NotFoundError, UnprocessableError
 from server.lots.models import Lot
@@ -58,6 +72,7 @@ from server.payments.provider import (
     PaymentKeyReused,
     PaymentProvider,
     PaymentProviders,
+    PaymentTimeout,
 )
 from server.pricing import service as pricing
 from server.pricing.adjust import Discount, PermitCover, StayPrice, price_stay
@@ -87,14 +102,24 @@ __all__ = [
 Model = TypeVar("Model", bound=BaseModel)
 
 
-class PaymentRequired(DomainError):
+class _NotPaid(DomainError):
+    """A payment not made. ``booked_minor``: what the provider took all the same, booked
+    toward the stay: the caller commits it before answering."""
+
+    def __init__(self, detail: str, *, booked_minor: int = 0) -> None:
+        super().__init__(detail)
+        self.booked_minor = booked_minor
+
+
+class PaymentRequired(_NotPaid):
     """The payment was declined (HTTP 402)."""
 
     status_code = 402
 
 
-class PaymentUnavailable(DomainError):
-    """The provider timed out or failed; nothing was taken (HTTP 503: retry later)."""
+class PaymentUnavailable(_NotPaid):
+    """The provider timed out or failed (HTTP 503: retry later); nothing was taken but
+    ``booked_minor``."""
 
     status_code = 503
 
@@ -109,6 +134,7 @@ class Settlement:
     payment_id: str | None = None
     transaction_id: str | None = None
     reason: str = ""
+    paid_minor: int = 0  # declined or unavailable, yet taken and booked toward the stay
 
 
 # -- idempotency ------------------------------------------------------------------------------
@@ -285,13 +311,35 @@ def _record(
 
 @dataclass(frozen=True, slots=True)
 class _Capture:
-    """Money a provider took under one key; ``refund_minor`` of it was given back at once."""
+    """Money a provider took under one key: ``amount`` of it, of which ``refund_minor`` went
+    back to the card at once and ``credit_minor`` to the driver's wallet (the price fell
+    below it and the card refund was not confirmed); the rest pays."""
 
     key: str
     amount: Money
     ref: str
     refund_minor: int = 0
     refund_ref: str | None = None
+    credit_minor: int = 0
+
+    @property
+    def kept_minor(self) -> int:
+        return self.amount.amount_minor - self.refund_minor - self.credit_minor
+
+
+@dataclass(frozen=True, slots=True)
+class _Taken:
+    """What :func:`_take` took (confirmed captures) and, if not all, why not (``error``) and
+    the key to owe or retry the rest under: one no provider has bound to another amount, or
+    for an outcome the provider left unknown, the key that finds it again."""
+
+    captures: tuple[_Capture, ...]
+    rest_key: str
+    error: PaymentError | None = None
+
+    @property
+    def kept_minor(self) -> int:
+        return sum(c.kept_minor for c in self.captures)
 
 
 def _authorise_and_capture(
@@ -306,48 +354,164 @@ def _authorise_and_capture(
 
 
 def _take(
-    provider: PaymentProvider, ctx: ChargeContext, amount: Money, key: str
-) -> tuple[list[_Capture], str, PaymentError | None]:
-    """Take ``amount`` under ``key``: (what was taken, the key of what was not, why not).
+    provider: PaymentProvider,
+    ctx: ChargeContext,
+    amount: Money,
+    key: str,
+    *,
+    refund_excess: bool = True,
+) -> _Taken:
+    """Take ``amount`` under ``key``; every capture the provider confirms is returned (the
+    caller books each one, whatever else fails).
 
     A provider key is bound to the amount first asked with it. If an earlier attempt
     asked for another amount (its answer was lost, then the price moved), that attempt is
-    completed and booked at *its* amount (the provider may already have taken it, so the
-    ledger records what it really took), and the difference is taken under the next key,
-    ``key + "+"`` (which the same rule covers), or given back at once if the price fell.
-    A fresh key per amount instead would leave the first capture taken but never booked.
+    completed at *its* amount (the provider may already have taken it, so the ledger books
+    what it really took), and the difference is taken under the next key, ``key + "+"``
+    (which the same rule covers). If the price fell, the excess is refunded to the card
+    (``refund_excess``; a refund timing out is asked once more under its key, which finds a
+    refund already made) or, if that is not confirmed, credited to the wallet.
+
+    If completing the earlier attempt fails, nothing was taken and the rest is owed under
+    ``key + "+"``; if it times out, the outcome under ``key`` is unknown, so ``key`` is the
+    rest's key (collecting a debt goes through this function, which finds or completes
+    that capture and takes the difference).
     """
     try:
-        return (
-            [_Capture(key, amount, _authorise_and_capture(provider, ctx, amount, key))],
-            key,
-            None,
-        )
+        ref = _authorise_and_capture(provider, ctx, amount, key)
     except PaymentKeyReused as reused:
         first = reused.first
     except PaymentError as exc:
-        return [], key, exc
+        return _Taken((), key, exc)
+    else:
+        return _Taken((_Capture(key, amount, ref),), key)
     if first.currency != amount.currency:
-        return [], key, PaymentFailed("key_reused_in_another_currency")
+        return _Taken((), f"{key}+", PaymentFailed("key_reused_in_another_currency"))
     try:
         ref = _authorise_and_capture(provider, ctx, first, key)
+    except PaymentTimeout as exc:
+        return _Taken((), key, exc)
     except PaymentError as exc:
-        return [], key, exc
+        return _Taken((), f"{key}+", exc)
+    capture = _Capture(key, first, ref)
     rest = amount.amount_minor - first.amount_minor
-    if rest == 0:
-        return [_Capture(key, first, ref)], key, None
     if rest > 0:
-        more, failed_key, error = _take(
-            provider, ctx, amount.model_copy(update={"amount_minor": rest}), f"{key}+"
+        more = _take(
+            provider,
+            ctx,
+            amount.model_copy(update={"amount_minor": rest}),
+            f"{key}+",
+            refund_excess=refund_excess,
         )
-        return [_Capture(key, first, ref), *more], failed_key, error
-    try:
-        refund_ref = provider.refund(
-            ctx, ref, first.model_copy(update={"amount_minor": -rest}), key=f"repriced:{key}"
+        return _Taken((capture, *more.captures), more.rest_key, more.error)
+    if rest < 0:
+        capture = _give_back(provider, ctx, capture, -rest, refund=refund_excess)
+    return _Taken((capture,), key)
+
+
+def _give_back(
+    provider: PaymentProvider, ctx: ChargeContext, capture: _Capture, excess: int, *, refund: bool
+) -> _Capture:
+    """Refund ``excess`` of ``capture`` to the card, else mark it for the wallet."""
+    money = capture.amount.model_copy(update={"amount_minor": excess})
+    for _attempt in range(2 if refund else 0):
+        try:
+            ref = provider.refund(ctx, capture.ref, money, key=f"repriced:{capture.key}")
+        except PaymentTimeout:
+            continue  # the same key again: a refund made behind the timeout is found
+        except PaymentError:
+            break
+        return replace(capture, refund_minor=excess, refund_ref=ref)
+    # Not confirmed: the wallet gets it. (Two timeouts in a row may hide a refund that was
+    # made after all; the audit log names the key to check with the provider.)
+    return replace(capture, credit_minor=excess)
+
+
+def _next_key(db: Session, key: str) -> str:
+    """``key``, or the first of ``key+``, ``key++``... no payment is booked under: a retry
+    after a confirmed part was booked (the rest declined) goes on from there."""
+    while db.exec(select(Payment.payment_id).where(Payment.idempotency_key == key)).first():
+        key = f"{key}+"
+    return key
+
+
+def _book_captures(
+    db: Session,
+    provider: PaymentProvider,
+    taken: _Taken,
+    *,
+    account: Account,
+    lot_id: str,
+    session_id: str,
+    method: str,
+    now: datetime,
+) -> list[Payment]:
+    """Book each confirmed capture as a payment for the stay (what it kept), with the
+    excess refunded to the card or credited to the wallet."""
+    booked: list[Payment] = []
+    source = provider.source_account(account.account_id)
+    for capture in taken.captures:
+        payment = _record(
+            db,
+            key=capture.key,
+            account_id=account.account_id,
+            lot_id=lot_id,
+            session_id=session_id,
+            method=method,
+            status="captured",
+            source=source,
+            amount=capture.amount.model_copy(
+                update={"amount_minor": capture.amount.amount_minor - capture.credit_minor}
+            ),
+            now=now,
+            provider_ref=capture.ref,
         )
-    except PaymentError as exc:
-        return [], key, exc  # nothing booked: a retry with the key finds both again
-    return [_Capture(key, first, ref, -rest, refund_ref)], key, None
+        if capture.refund_minor:
+            _book_refund(
+                db,
+                provider,
+                payment,
+                capture.refund_minor,
+                provider_ref=capture.refund_ref,
+                reason="the price fell since this payment's first attempt",
+                actor="settle",
+                now=now,
+            )
+        _credit_excess(db, account, capture, source=source, now=now)
+        booked.append(payment)
+    return booked
+
+
+def _credit_excess(
+    db: Session, account: Account, capture: _Capture, *, source: str, now: datetime
+) -> None:
+    """The part of ``capture`` above the price, not refunded to the card: to the wallet."""
+    if not capture.credit_minor:
+        return
+    transaction_id = credit_wallet(
+        db,
+        account,
+        capture.credit_minor,
+        source=source,
+        key=f"excess:{capture.key}",
+        provider_ref=capture.ref,
+        now=now,
+    )
+    audit.record(
+        db,
+        actor="settle",
+        action="account.topup",
+        target_type="account",
+        target_id=account.account_id,
+        now=now,
+        reason="the price fell below a card capture; the card refund was not confirmed",
+        details={
+            "amount_minor": capture.credit_minor,
+            "provider_ref": capture.ref,
+            "refund_key": f"repriced:{capture.key}",
+            "transaction_id": transaction_id,
+        },
+    )
 
 
 def settle(
@@ -367,116 +531,152 @@ def settle(
     """Collect ``amount`` for a stay at most once per ``key``.
 
     ``check_replay=False`` skips looking for an earlier payment with the key (the exit flow
-    already knows the event is new); the key's unique index still refuses a second one.
+    already knows the event is new; a payment in advance has its own idempotency record);
+    then ``key`` is followed by ``+`` until no payment is booked under it, so a retry after
+    a partly taken attempt goes on where that one stopped.
 
-    The stay's row, then the account's, are locked first (see the module doc). A stored
-    stay that was closed, or paid in advance, since the caller priced it is not charged:
-    ``unavailable`` (reason ``stay_changed``), so the caller asks for a retry.
+    Locks, in this order (see the module doc): the stay's row, the rows of the stays whose
+    debts a card charge collects, the account's row. A stored stay that was closed, or paid
+    in advance, since the caller priced it is not charged: ``unavailable`` (reason
+    ``stay_changed``), so the caller asks for a retry.
 
     The provider gets the same key, so a capture whose answer was lost is found again
-    rather than repeated; if the price moved meanwhile, see :func:`_take`. Declined or
-    failed: with ``allow_debt`` what was not taken becomes a debt, otherwise nothing is
-    recorded and the caller denies.
+    rather than repeated; if the price moved meanwhile, see :func:`_take`. Every capture
+    the provider confirmed is booked, even if the rest is refused. Declined or failed:
+
+    * with ``allow_debt``, what was not taken becomes a debt;
+    * otherwise the caller denies, and what was taken counts as paid in advance toward the
+      stay (``Settlement.paid_minor``; the stay's ``prepaid_minor``), so the next try owes
+      only the rest. A timeout books nothing: its outcome is unknown, and a retry with the
+      key finds every capture again.
     """
     seen = db.get(ParkingSession, session_id)
     priced = None if seen is None else (seen.state, seen.prepaid_minor, seen.prepaid_at)
     stay = _lock_stay(db, session_id)
-    account = lock_account(db, account.account_id) or account
+    existing = None
     if check_replay:
         existing = db.exec(select(Payment).where(Payment.idempotency_key == key)).first()
-        if existing is not None:
-            return _from_payment(existing)
-    method = method or account.payment_method
     if stay is not None and (
         stay.state != SessionState.OPEN
         or (stay.state, stay.prepaid_minor, stay.prepaid_at) != priced
     ):
+        # Checked before any other lock: a stay no longer to be paid takes no debt's stay.
+        if existing is not None:
+            return _from_payment(existing)
+        method = method or account.payment_method
         return Settlement("unavailable", amount.amount_minor, method, reason="stay_changed")
+    collecting = (method or account.payment_method) == "card"
+    locked = debts.lock_stays(db, account.account_id) if collecting else frozenset()
+    account = lock_account(db, account.account_id) or account
+    if check_replay:  # again, now that the account is locked (a stay not stored locks none)
+        existing = db.exec(select(Payment).where(Payment.idempotency_key == key)).first()
+        if existing is not None:
+            return _from_payment(existing)
+    method = method or account.payment_method
     if amount.amount_minor <= 0:
         return Settlement("free", 0)
     provider = providers.get(method)
     ctx = ChargeContext(db, account.account_id, account.card_token)
-    taken, failed_key, error = _take(provider, ctx, amount, key)
+    if not check_replay:
+        key = _next_key(db, key)
+    taken = _take(provider, ctx, amount, key)
+    error = taken.error
     if error is not None and not allow_debt:
-        # Nothing is booked, even what was taken: a retry with ``key`` finds it again.
         status: Literal["declined", "unavailable"] = (
             "declined" if isinstance(error, PaymentDeclined) else "unavailable"
         )
-        return Settlement(status, amount.amount_minor, method, reason=error.reason)
-    booked: list[Payment] = []
-    for capture in taken:
-        payment = _record(
+        if isinstance(error, PaymentTimeout) or not taken.captures:
+            return Settlement(status, amount.amount_minor, method, reason=error.reason)
+        kept = _book_captures(
             db,
-            key=capture.key,
-            account_id=account.account_id,
+            provider,
+            taken,
+            account=account,
             lot_id=lot_id,
             session_id=session_id,
             method=method,
-            status="captured",
-            source=provider.source_account(account.account_id),
-            amount=capture.amount,
             now=now,
-            provider_ref=capture.ref,
         )
-        if capture.refund_minor:
-            _book_refund(
-                db,
-                provider,
-                payment,
-                capture.refund_minor,
-                provider_ref=capture.refund_ref,
-                reason="the price fell since this payment's first attempt",
-                actor="settle",
-                now=now,
-            )
-        booked.append(payment)
+        if stay is not None:
+            stay.prepaid_minor += taken.kept_minor
+            stay.payment_method = stay.payment_method or method
+            db.add(stay)
+            db.flush()
+        return Settlement(
+            status,
+            amount.amount_minor,
+            method,
+            kept[0].payment_id,
+            kept[0].transaction_id,
+            error.reason,
+            paid_minor=taken.kept_minor,
+        )
+    booked = _book_captures(
+        db,
+        provider,
+        taken,
+        account=account,
+        lot_id=lot_id,
+        session_id=session_id,
+        method=method,
+        now=now,
+    )
     if error is not None:
-        owed = amount.amount_minor - sum(c.amount.amount_minor - c.refund_minor for c in taken)
         debt = _record(
             db,
-            key=failed_key,
+            key=taken.rest_key,
             account_id=account.account_id,
             lot_id=lot_id,
             session_id=session_id,
             method="debt",
             status="owed",
             source=debt_account(account.account_id),
-            amount=amount.model_copy(update={"amount_minor": owed}),
+            amount=amount.model_copy(
+                update={"amount_minor": amount.amount_minor - taken.kept_minor}
+            ),
             now=now,
         )
         return Settlement(
             "owed", amount.amount_minor, "debt", debt.payment_id, debt.transaction_id, error.reason
         )
     if method == "card":
-        _collect_by_card(db, providers, account, now)
+        _collect_by_card(db, providers, account, locked, now)
     first = booked[0]
     return Settlement("paid", amount.amount_minor, method, first.payment_id, first.transaction_id)
 
 
 def _collect_by_card(
-    db: Session, providers: PaymentProviders, account: Account, now: datetime
+    db: Session,
+    providers: PaymentProviders,
+    account: Account,
+    locked: frozenset[str],
+    now: datetime,
 ) -> None:
-    """A successful card charge also pays off the account's debts (each once, per its key)."""
+    """A successful card charge also pays off the account's debts, each once, per its key.
+
+    Each goes through :func:`_take`: a capture behind a timeout is found again, a key an
+    earlier attempt bound to another amount is completed (the excess credited to the
+    wallet). A debt the card refuses stays owed and the next one is tried; one taken only
+    in part is split, the taken part collected, the rest owed under a fresh key. Only
+    debts whose stays were locked before the account are collected (the lock order).
+    """
     card = providers.get("card")
     ctx = ChargeContext(db, account.account_id, account.card_token)
+    source = card.source_account(account.account_id)
     for debt in debts.owed(db, account.account_id):
-        # The debt's own key: if a capture behind a timeout did go through, it is found again.
-        key = debt.idempotency_key
-        try:
-            auth = card.authorise(
-                ctx, Money(amount_minor=debt.amount_minor, currency=debt.currency), key=key
-            )
-            ref = card.capture(ctx, auth, key=key)
-        except PaymentError:
-            return  # it stays owed; the next charge or top-up tries again
+        if not debts.collectable(debt, locked):
+            continue
+        money = Money(amount_minor=debt.amount_minor, currency=debt.currency)
+        taken = _take(card, ctx, money, debt.idempotency_key, refund_excess=False)
+        if not taken.captures:
+            continue  # it stays owed; the next charge or top-up tries again
+        if taken.error is not None:
+            debts.split(db, debt, taken.kept_minor, taken.rest_key)
         debts.mark_collected(
-            db,
-            debt,
-            method="card",
-            source=card.source_account(account.account_id),
-            now=now,
-            provider_ref=ref,
+            db, debt, method="card", source=source, now=now, provider_ref=taken.captures[0].ref
         )
+        for capture in taken.captures:
+            _credit_excess(db, account, capture, source=source, now=now)
 
 
 def pay_open_session(
@@ -538,7 +738,12 @@ def _prepay(
     key: str,
     now: datetime,
 ) -> Settlement:
-    """Lock the stay, then check and price it: an exit that closed it meanwhile wins."""
+    """Lock the stay, then check and price it: an exit that closed it meanwhile wins.
+
+    Replays are the idempotency record's (:func:`pay_open_session`), so :func:`settle` is
+    asked without its own: after a refusal that still took part of the price, a retry with
+    the same key goes on under the next provider key for what is left.
+    """
     stored = _lock_stay(db, parking.session_id)
     if stored is None or stored.state != SessionState.OPEN:
         raise ConflictError(f"session {parking.session_id!r} is already closed")
@@ -555,12 +760,29 @@ def _prepay(
         now=now,
         allow_debt=False,
         method=method,
+        check_replay=False,
     )
     parking = stored  # the same object when it came from this session; fresh either way
-    if settled.status == "declined":
-        raise PaymentRequired(f"payment declined ({settled.reason}): top up or change the card")
-    if settled.status == "unavailable":
-        raise PaymentUnavailable(f"payment not confirmed ({settled.reason}): try again")
+    if settled.status in ("declined", "unavailable"):
+        taken = ""
+        if settled.paid_minor:
+            part = amount.model_copy(update={"amount_minor": settled.paid_minor})
+            rest = amount.model_copy(
+                update={"amount_minor": amount.amount_minor - settled.paid_minor}
+            )
+            taken = (
+                f"; {part.display()} was taken and counts toward this stay, "
+                f"{rest.display()} is left"
+            )
+        if settled.status == "declined":
+            raise PaymentRequired(
+                f"payment declined ({settled.reason}){taken}: top up or change the card",
+                booked_minor=settled.paid_minor,
+            )
+        raise PaymentUnavailable(
+            f"payment not confirmed ({settled.reason}){taken}: try again",
+            booked_minor=settled.paid_minor,
+        )
     parking.prepaid_minor += settled.amount_minor
     parking.prepaid_at = now
     parking.payment_method = settled.method or parking.payment_method

@@ -19,6 +19,7 @@ from server.accounts import service as accounts
 from server.accounts.service import TopupOutcome
 from server.audit import service as audit
 from server.errors import UnprocessableError
+from server.payments.busy import busy_means_retry
 from server.payments.provider import (
     ChargeContext,
     PaymentDeclined,
@@ -80,31 +81,81 @@ def card_topup(
 
     ``card_token`` None: the account's card on file. The key is bound to the amount and the
     card; the same key with another one is a 422. No transaction is held while the provider
-    answers (on SQLite that would hold the write lock).
+    answers (on SQLite that would hold the write lock). A database race lost while booking
+    is a 503 (:mod:`server.payments.busy`): the retry with the key finds the capture.
     """
+    with busy_means_retry(db):
+        return _card_topup(
+            db,
+            providers,
+            account_id=account_id,
+            amount_minor=amount_minor,
+            card_token=card_token,
+            idempotency_key=idempotency_key,
+            actor=actor,
+            now=now,
+        )
+
+
+def _digest(account_id: str, amount_minor: int, card: str | None) -> str:
+    """What a card top-up's key is bound to. ``card`` None: a booking recovered from an
+    earlier attempt whose answer was lost, which knows that attempt's amount, not its card."""
+    if card is None:
+        return accounts.topup_request_hash(account_id, amount_minor, method="card")
+    return accounts.topup_request_hash(account_id, amount_minor, method="card", card=card)
+
+
+def _find(
+    db: Session, account_id: str, idempotency_key: str, amount_minor: int, card: str
+) -> TopupOutcome | None:
+    """The stored answer to this request, None if the key is new; another request: 422.
+
+    A recovered booking (see :func:`_digest`) answers any request for its amount: the
+    first request, retried as it was, is told the money was credited.
+    """
+    try:
+        return accounts.find_topup(
+            db, account_id, idempotency_key, _digest(account_id, amount_minor, card)
+        )
+    except UnprocessableError:
+        recovered = _digest(account_id, amount_minor, None)
+        return accounts.find_topup(db, account_id, idempotency_key, recovered)
+
+
+def _card_topup(
+    db: Session,
+    providers: PaymentProviders,
+    *,
+    account_id: str,
+    amount_minor: int,
+    card_token: str | None,
+    idempotency_key: str,
+    actor: str,
+    now: datetime,
+) -> TopupOutcome:
     account = accounts.require_account(db, account_id)
     token = card_token or account.card_token
     if token is None:
         raise UnprocessableError("choose a card to top up with: there is no card on file")
     currency = account.currency
-    digest = accounts.topup_request_hash(account_id, amount_minor, method="card", card=token)
-    replay = accounts.find_topup(db, account_id, idempotency_key, digest)
+    replay = _find(db, account_id, idempotency_key, amount_minor, token)
     if replay is not None:
         return replay
     db.rollback()
     card = providers.get("card")
     ctx = ChargeContext(db, account_id, token)
     key = provider_key(account_id, idempotency_key)
-    book = _Booking(db, card, account_id, token, idempotency_key, actor, now)
+    book = _Booking(db, card, account_id, idempotency_key, actor, now)
     try:
         ref = _capture(card, ctx, Money(amount_minor=amount_minor, currency=currency), key)
     except PaymentKeyReused as reused:
         # An earlier attempt with this key, for another amount, lost its answer: the card may
-        # have taken that amount. Complete and credit it, so the ledger holds what was taken.
+        # have taken that amount. Complete and credit it, so the ledger holds what was taken;
+        # bound to that amount only (its card is not known here).
         first = reused.first
         if first.currency == currency:
             try:
-                book(first.amount_minor, _capture(card, ctx, first, key))
+                book(first.amount_minor, _capture(card, ctx, first, key), card=None)
             except PaymentError as exc:
                 raise _refused(exc) from None
         raise UnprocessableError(
@@ -113,7 +164,7 @@ def card_topup(
         ) from None
     except PaymentError as exc:
         raise _refused(exc) from None
-    return book(amount_minor, ref)
+    return book(amount_minor, ref, card=token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,16 +174,13 @@ class _Booking:
     db: Session
     card: PaymentProvider
     account_id: str
-    token: str
     idempotency_key: str
     actor: str
     now: datetime
 
-    def __call__(self, amount_minor: int, ref: str) -> TopupOutcome:
+    def __call__(self, amount_minor: int, ref: str, *, card: str | None) -> TopupOutcome:
         db, key = self.db, self.idempotency_key
-        digest = accounts.topup_request_hash(
-            self.account_id, amount_minor, method="card", card=self.token
-        )
+        digest = _digest(self.account_id, amount_minor, card)
         outcome = accounts.stage_topup(
             db,
             self.account_id,

@@ -48,7 +48,6 @@ START = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 TARIFF = TariffSchema(grace_minutes=15, hourly_minor=500, daily_cap_minor=6000, currency="CNY")
 
 
-
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """A fresh database ``qrpark_test_<random>`` for this session, dropped afterwards."""

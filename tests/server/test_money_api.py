@@ -12,7 +12,7 @@ import httpx
 import pytest
 from api_support import API_TOKEN, AUTH
 from fastapi import FastAPI
-from money_support import Desk, audit_ledger
+from money_support import Desk, audit_ledger, sandbox
 
 from parking_protocol.clock import FakeClock
 from parking_protocol.types import GateAction, Reason
@@ -303,3 +303,37 @@ async def test_permits_are_created_listed_and_make_stays_free(
     desk.enter("alice")
     clock.advance(timedelta(hours=6))
     assert desk.exit("alice").amount.amount_minor == 0  # type: ignore[union-attr]
+
+
+async def test_a_payment_in_advance_refused_after_a_capture_keeps_what_the_card_took(
+    client: httpx.AsyncClient, desk: Desk, clock: FakeClock
+) -> None:
+    """A lost capture of ¥10.00, retried at ¥15.00 with the same key: the card declines the
+    extra ¥5.00. The ¥10.00 is booked toward the stay (the 402 says so), the retry pays
+    only the rest, and the exit owes nothing more."""
+    await client.put(
+        "/api/v1/accounts/alice/payment-method", json={"method": "card", "card_token": "tok_ok"}
+    )
+    entered = desk.enter("alice")
+    pay = f"/api/v1/sessions/{entered.session_id}/payments"
+    clock.advance(timedelta(hours=2))
+    card = sandbox(desk.central)
+    card.script("ok", "timeout_after")
+    assert (await client.post(pay, json={}, headers={"Idempotency-Key": "p1"})).status_code == 503
+    clock.advance(timedelta(hours=1))
+    card.script("decline")
+
+    refused = await client.post(pay, json={}, headers={"Idempotency-Key": "p1"})
+
+    assert refused.status_code == 402, refused.text
+    assert "¥10.00 was taken and counts toward this stay, ¥5.00 is left" in refused.json()["detail"]
+    quote = (await client.get(f"/api/v1/sessions/{entered.session_id}/quote")).json()
+    assert quote["due"]["amount_minor"] == 500
+    paid = await client.post(pay, json={}, headers={"Idempotency-Key": "p1"})
+    assert paid.status_code == 201, paid.text
+    assert paid.json()["amount"] == {"amount_minor": 500, "currency": "CNY"}
+    out = desk.exit("alice")
+    assert (out.action, out.amount.amount_minor if out.amount else None) == (GateAction.OPEN, 0)
+    assert card.captured_minor() == 1500
+    assert (await client.get("/api/v1/accounts/alice")).json()["balance_minor"] == 10_000
+    audit_ledger(desk.central)

@@ -201,6 +201,29 @@ async def test_a_key_reused_for_another_amount_after_a_lost_answer_credits_what_
     audit_ledger(central)
 
 
+async def test_the_first_request_retried_after_another_card_reused_its_key_is_a_replay(
+    driver: httpx.AsyncClient, central: Central
+) -> None:
+    """The key is reused by a request for another amount and another card: the first
+    attempt is credited at its amount, and the first request, retried as it was, is told so
+    instead of a 422 (the recovered booking does not know the first card)."""
+    card = sandbox(central)
+    card.script("ok", "timeout_after")
+    assert (await top_up(driver, "topup-0006", amount_minor=5000)).status_code == 503
+
+    changed = await top_up(driver, "topup-0006", amount_minor=2000, card="tok_error")
+    first_again = await top_up(driver, "topup-0006", amount_minor=5000)
+
+    assert changed.status_code == 422
+    assert first_again.status_code == 201, first_again.text
+    assert first_again.headers["Idempotent-Replayed"] == "true"
+    assert first_again.json()["amount_minor"] == 5000
+    assert central.balance("alice") == 5000
+    assert card.captured_minor() == 5000
+    assert len(topup_transactions(central)) == 1
+    audit_ledger(central)
+
+
 async def test_the_card_on_file_pays_when_no_card_is_given(
     driver: httpx.AsyncClient, central: Central
 ) -> None:
