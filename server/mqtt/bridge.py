@@ -46,6 +46,7 @@ from server.gateways.service import record_reply, record_status
 from server.sessions.flows import (
     FlowConfig,
     Reply,
+    command_not_executed,
     handle_scan,
     internal_error_reply,
     unavailable_reply,
@@ -82,6 +83,8 @@ class BridgeStats:
     """Events that lost a race with another process and were handled again (or left)."""
     seq_gaps: int = 0
     """Times a gateway's event arrived with earlier ones of its sequence missing."""
+    undone: int = 0
+    """Entries and exits undone because the gate let their "open" expire unexecuted."""
     misaddressed: int = 0
     """Statuses and replies naming another gate than the topic they came on (ignored)."""
     batches: int = 0
@@ -321,7 +324,9 @@ class Bridge:
             record_status(db, message, now=now)
             self.stats.statuses += 1
             return None
-        record_reply(db, message, now=now)
+        if record_reply(db, message, now=now):
+            # An "open" the gate let expire unexecuted: the entry or exit is undone.
+            self.stats.undone += command_not_executed(db, message, now=now, config=self.config)
         self.stats.replies += 1
         return None
 

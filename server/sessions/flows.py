@@ -16,7 +16,16 @@ from datetime import datetime, timedelta
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlmodel import Session, select
 
-from parking_protocol.messages import EventAck, GateCommand, ScanEvent, decode, encode, new_id
+from parking_protocol.messages import (
+    CommandOutcome,
+    CommandReply,
+    EventAck,
+    GateCommand,
+    ScanEvent,
+    decode,
+    encode,
+    new_id,
+)
 from parking_protocol.qr_token import CodeClaims, CodeRejected, verify_code
 from parking_protocol.topics import TopicKind, TopicRef, gate_topic
 from parking_protocol.types import DENY_TEXT, Direction, GateAction, Money, Reason
@@ -37,6 +46,7 @@ from server.sessions.models import ParkingSession, PendingScan, SessionState
 __all__ = [
     "FlowConfig",
     "Reply",
+    "command_not_executed",
     "event_time",
     "handle_scan",
     "internal_error_reply",
@@ -94,10 +104,16 @@ def _display(decision: _Decision) -> str:
 def _command(
     event: ScanEvent, ref: TopicRef, decision: _Decision, now: datetime, config: FlowConfig
 ) -> Reply:
+    return _command_for(event.event_id, ref, decision, now, config)
+
+
+def _command_for(
+    event_id: str, ref: TopicRef, decision: _Decision, now: datetime, config: FlowConfig
+) -> Reply:
     assert ref.gate_id is not None
     command = GateCommand(
         command_id=new_id(),
-        event_id=event.event_id,
+        event_id=event_id,
         lot_id=ref.lot_id,
         gate_id=ref.gate_id,
         action=decision.action,
@@ -189,8 +205,56 @@ def handle_scan(
         boot=event.boot,
         reply_json=reply.payload.decode(),
         now=now,
+        command_id=reply.message.command_id if isinstance(reply.message, GateCommand) else None,
     )
     return reply
+
+
+def command_not_executed(
+    db: Session, reply: CommandReply, *, now: datetime, config: FlowConfig
+) -> bool:
+    """A gate says it let an "open" for a scan expire unexecuted (say it lost power before
+    the command arrived, and saw it only after its deadline): the barrier never opened, so
+    the entry or the exit it answered is undone — no stay for a car that never came in, no
+    charge for one still inside — and a later redelivery of that scan gets a deny asking
+    the driver to scan again. Returns whether anything was undone."""
+    if reply.outcome is not CommandOutcome.EXPIRED:
+        return False
+    done = sessions.processed_by_command(db, reply.command_id)
+    if done is None or (done.lot_id, done.gate_id) != (reply.lot_id, reply.gate_id):
+        return False
+    stored = decode(done.reply_json)
+    if not isinstance(stored, GateCommand) or stored.action is not GateAction.OPEN:
+        return False
+    gate = get_gate(db, done.lot_id, done.gate_id)
+    if gate is None:
+        return False
+    _undo_open(
+        db,
+        _Scan(done.event_id, done.lot_id, done.gate_id, Direction(gate.direction)),
+        stored,
+        now,
+        config,
+    )
+    ref = TopicRef(kind=TopicKind.EVENTS, lot_id=done.lot_id, gate_id=done.gate_id)
+    retry = _Decision(
+        GateAction.DENY,
+        Reason.SERVICE_UNAVAILABLE,
+        display="Not opened in time - please scan again",
+    )
+    again = _command_for(done.event_id, ref, retry, now, config)
+    sessions.replace_reply(db, done, again.payload.decode())
+    done.command_id = again.message.command_id if isinstance(again.message, GateCommand) else None
+    db.add(done)
+    db.flush()
+    log.warning(
+        "gate %s/%s let command %s expire unexecuted: scan %s undone",
+        done.lot_id,
+        done.gate_id,
+        reply.command_id,
+        done.event_id,
+    )
+    return True
 
 
 def event_time(event: ScanEvent, now: datetime, config: FlowConfig) -> datetime:
@@ -439,56 +503,82 @@ def _void(
 ) -> _Decision:
     """Opened here, but the barrier stayed shut: undo the entry or the exit."""
     assert event.offline is not None
-    kept = _Decision(GateAction.DENY, event.offline.reason)
+    scan = _Scan(event.event_id, event.lot_id, event.gate_id, event.direction)
+    _undo_open(db, scan, stored, now, config)
+    return _Decision(GateAction.DENY, event.offline.reason)
+
+
+@dataclass(frozen=True, slots=True)
+class _Scan:
+    """What undoing an opened scan needs to know of it."""
+
+    event_id: str
+    lot_id: str
+    gate_id: str
+    direction: Direction
+
+
+def _undo_flag(
+    db: Session, scan: _Scan, account_id: str | None, detail: str, now: datetime
+) -> None:
+    log.warning("void failed at %s/%s (%s): %s", scan.lot_id, scan.gate_id, account_id, detail)
+    sessions.add_flag(
+        db,
+        event_id=scan.event_id,
+        lot_id=scan.lot_id,
+        gate_id=scan.gate_id,
+        account_id=account_id,
+        kind="void_failed",
+        detail=detail,
+        now=now,
+    )
+
+
+def _undo_open(
+    db: Session, scan: _Scan, stored: GateCommand, now: datetime, config: FlowConfig
+) -> None:
+    """The "open" answering ``scan`` was not carried out: undo its entry or its exit."""
     parking = db.get(ParkingSession, stored.session_id) if stored.session_id else None
     if parking is None:
-        _flag(db, event, None, kind="void_failed", detail="the opened stay is not known", now=now)
-        return kept
+        _undo_flag(db, scan, None, "the opened stay is not known", now)
+        return
     account = accounts.get_account(db, parking.account_id)
-    if event.direction == Direction.ENTRY:
-        if parking.state == SessionState.OPEN and parking.entry_event_id == event.event_id:
+    if scan.direction == Direction.ENTRY:
+        if parking.state == SessionState.OPEN and parking.entry_event_id == scan.event_id:
             parking.state = SessionState.VOID
             db.add(parking)
             db.flush()
-            sessions.release_nonce(db, event.event_id)
-            return kept
-        _flag(
-            db,
-            event,
-            parking.account_id,
-            kind="void_failed",
-            detail=f"entry stay {parking.state}",
-            now=now,
-        )
-        return kept
+            sessions.release_nonce(db, scan.event_id)
+            return
+        _undo_flag(db, scan, parking.account_id, f"entry stay {parking.state}", now)
+        return
     reopenable = (
         parking.state == SessionState.CLOSED
-        and parking.exit_event_id == event.event_id
+        and parking.exit_event_id == scan.event_id
         and parking.settlement in ("free", "paid")
         and account is not None
         and sessions.find_open(db, parking.account_id, parking.lot_id) is None
     )
     if not reopenable:
         detail = f"exit stay {parking.state}, settlement {parking.settlement}"
-        _flag(db, event, parking.account_id, kind="void_failed", detail=detail, now=now)
-        return kept
+        _undo_flag(db, scan, parking.account_id, detail, now)
+        return
     if any(p.status == "captured" for p in payments.session_payments(db, parking.session_id)):
         payments.refund_session(
             db,
             config.payments,
             parking=parking,
             data=RefundCreate(reason="the exit barrier stayed shut", actor="reconcile"),
-            key=f"void:{event.event_id}",
+            key=f"void:{scan.event_id}",
             now=now,
         )
-    sessions.release_nonce(db, event.event_id)
+    sessions.release_nonce(db, scan.event_id)
     if parking.lost_ticket:
         parking.state = SessionState.VOID
         db.add(parking)
         db.flush()
     else:
         sessions.reopen_session(db, parking)
-    return kept
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,6 +99,7 @@ class ProcessedEvent(SQLModel, table=True):
     boot: int = Field(sa_type=sa.BigInteger)
     reply_json: str = Field(sa_type=sa.Text)
     processed_at: datetime = Field(sa_type=UTCDateTime)
+    command_id: str | None = Field(default=None, max_length=64, index=True)
 
 
 class PendingScan(SQLModel, table=True):

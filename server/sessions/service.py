@@ -41,6 +41,7 @@ __all__ = [
     "lost_ticket_exit_after",
     "nonce_used",
     "open_session",
+    "processed_by_command",
     "record_dead_letter",
     "record_nonce",
     "record_pending",
@@ -156,6 +157,7 @@ def record_processed(
     boot: int,
     reply_json: str,
     now: datetime,
+    command_id: str | None = None,
 ) -> None:
     db.add(
         ProcessedEvent(
@@ -166,9 +168,15 @@ def record_processed(
             boot=boot,
             reply_json=reply_json,
             processed_at=now,
+            command_id=command_id,
         )
     )
     db.flush()
+
+
+def processed_by_command(db: Session, command_id: str) -> ProcessedEvent | None:
+    """The scan that ``command_id`` answered, if it answered one."""
+    return db.exec(select(ProcessedEvent).where(ProcessedEvent.command_id == command_id)).first()
 
 
 def record_dead_letter(
