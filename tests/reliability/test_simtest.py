@@ -41,14 +41,10 @@ def test_every_seed_keeps_every_invariant(report: Report) -> None:
     faults = sum(n for r in results for k, n in r.counters.items() if k.startswith("fault:"))
     events = sum(r.counters["events published"] + r.counters["events replayed"] for r in results)
     report.seeds += len(results)
-    report.faults.update(
-        {
-            k.removeprefix("fault:").strip(): n
-            for r in results
-            for k, n in r.counters.items()
-            if k.startswith("fault:")
-        }
-    )
+    for r in results:
+        for kind, n in r.counters.items():
+            if kind.startswith("fault:"):
+                report.faults[kind.removeprefix("fault:").strip()] += n
     violations = [v for r in results for v in r.violations]
     report.events(
         events,
