@@ -79,6 +79,7 @@ from parking_protocol.messages import (
     new_id,
 )
 from parking_protocol.transport import Transport
+from parking_protocol.types import GateAction
 
 __all__ = [
     "FileDisplay",
@@ -572,9 +573,8 @@ class Gateway:
         match message:
             case GateCommand():
                 self.stats.commands_received += 1
-                if message.event_id is not None:
-                    self._answered(message)
-                self.feed(CommandReceived(message))
+                decided = self._answered(message) if message.event_id is not None else None
+                self.feed(CommandReceived(message, decided_offline=decided))
             case EventAck():
                 self.stats.acks += 1
                 self._disputed.discard(message.event_id)
@@ -586,15 +586,17 @@ class Gateway:
                 self.outbox.save_denylist(message.list_id, message.accounts)
                 log.info("deny-list %s: %d accounts", message.list_id, len(message.accounts))
 
-    def _answered(self, command: GateCommand) -> None:
+    def _answered(self, command: GateCommand) -> GateAction | None:
         """A command answers an event: it leaves the outbox, unless the lane already acted
         otherwise on its own (the answer came after the decision timeout). Then the service
         must learn what the barrier really did: the event is sent again with its offline
-        decision, once; an EventAck (or the same answer again) settles it."""
+        decision, once; an EventAck (or the same answer again) settles it. Returns what the
+        lane did on its own for that event, if it did."""
         event_id = command.event_id
         assert event_id is not None
         pending = self.outbox.get(event_id)
         offline = pending.offline if pending is not None else None
+        decided = offline.action if offline is not None else None
         if pending is not None and offline is not None and offline.action is not command.action:
             if event_id not in self._disputed:
                 self._disputed.add(event_id)
@@ -607,7 +609,7 @@ class Gateway:
                     extra={"event_id": event_id, "action": offline.action.value},
                 )
                 self._spawn(self._resend(pending))
-                return
+                return decided
             log.error(
                 "the service kept its answer %s for %s although the gate did %s offline",
                 command.action.value,
@@ -617,6 +619,7 @@ class Gateway:
             )
         self._disputed.discard(event_id)
         self.outbox.remove(event_id)
+        return decided
 
     async def _resend(self, event: ScanEvent) -> None:
         if await self.uplink.publish_event(event):

@@ -128,7 +128,11 @@ class CodeDecoded:
 
 @dataclass(frozen=True, slots=True)
 class CommandReceived:
+    """A command for this gate. ``decided_offline``: what the lane already did on its own
+    for the scan the command answers (the app knows it from the outbox), if anything."""
+
     command: GateCommand
+    decided_offline: GateAction | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,8 +324,8 @@ class Lane:
         match event:
             case CodeDecoded(code):
                 return self._on_code(code, now)
-            case CommandReceived(command):
-                return self._on_command(command, now)
+            case CommandReceived(command, decided_offline):
+                return self._on_command(command, now, decided_offline)
             case DecisionTimeout(event_id):
                 if self._awaiting is not None and self._awaiting.event_id == event_id:
                     return self._decide_offline(now)
@@ -355,7 +359,9 @@ class Lane:
             StartTimer(TimerKind.DECISION, deadline),
         ]
 
-    def _on_command(self, command: GateCommand, now: datetime) -> list[Action]:
+    def _on_command(
+        self, command: GateCommand, now: datetime, decided_offline: GateAction | None = None
+    ) -> list[Action]:
         cid = command.command_id
         if (command.lot_id, command.gate_id) != (self.lot_id, self.gate_id):
             return [SendReply(cid, CommandOutcome.REJECTED, "command for another gate")]
@@ -365,6 +371,11 @@ class Lane:
             # again because our reply was lost): say again what happened, do nothing.
             return [SendReply(cid, known.outcome, known.detail, repeat=True)]
         if now > command.deadline:
+            if decided_offline is not None:
+                # Not carried out, but the lane had acted on that scan itself: "expired"
+                # would tell the service the barrier never moved for it.
+                detail = f"decided offline: {decided_offline.value}"
+                return [self._reply(cid, CommandOutcome.REJECTED, detail)]
             return [self._reply(cid, CommandOutcome.EXPIRED, "deadline passed")]
         if command.event_id is None:  # operator's manual command
             if command.action is GateAction.OPEN:

@@ -111,6 +111,12 @@ def _sqlstate(exc: OperationalError) -> str | None:
     return state if isinstance(state, str) else None
 
 
+def _unreachable(exc: OperationalError) -> bool:
+    """A failure of the database connection, not of this message's statements."""
+    state = _sqlstate(exc)
+    return bool(exc.connection_invalidated) or state is None or state.startswith(("08", "57P"))
+
+
 BatchListener = Callable[[Sequence[Inbound], Sequence[Reply]], None]
 """Called on the event loop after each batch committed, with its messages and replies."""
 
@@ -294,6 +300,11 @@ class Bridge:
                 self.stats.conflicts += 1
                 log.info("%s lost a race with another writer; handled again", item.topic)
             except OperationalError as exc:
+                if _unreachable(exc):
+                    # The database went away (a restart, a lost connection, SQLite busy):
+                    # nothing is wrong with the message. The whole batch fails and its
+                    # scans are denied as unavailable; the gateways send them again.
+                    raise
                 if _sqlstate(exc) not in _TRANSIENT_SQLSTATES:
                     return self._dead_letter(db, item, exc, now)
                 self.stats.conflicts += 1
