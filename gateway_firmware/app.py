@@ -136,6 +136,10 @@ class Tuning:
     idle_sleep_s: float = 0.02
     camera_backoff_initial_s: float = 0.5
     camera_backoff_max_s: float = 10.0
+    resend_s: float = 5.0
+    """While connected, events still unanswered after one to two of these are sent again
+    (a PUBACK is not durability: a broker restarted empty, or one with no service
+    subscribed yet, accepted and dropped them)."""
 
 
 @dataclass
@@ -262,6 +266,7 @@ class Gateway:
             self._inbound_loop(),
             self._tick_loop(),
             self._replay_loop(),
+            self._resend_loop(),
             self._heartbeat_loop(),
         ]
         tasks = [asyncio.create_task(loop) for loop in loops]
@@ -647,6 +652,18 @@ class Gateway:
             await self.uplink.reconnected.wait()
             self.uplink.reconnected.clear()
             await self.replay()
+
+    async def _resend_loop(self) -> None:
+        seen: set[str] = set()
+        while True:
+            await asyncio.sleep(self.tuning.resend_s)
+            if not self.uplink.connected:
+                seen = set()
+                continue
+            pending = {event.event_id for event in self.outbox.pending()}
+            if pending & seen:  # some have waited a whole interval for an answer
+                await self.replay()
+            seen = pending
 
     async def replay(self) -> int:
         """Publish every unanswered event in order; stop at the first failure."""

@@ -461,14 +461,6 @@ class OutboxStranded(AssertionError):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=OutboxStranded,
-    reason="product bug: a gateway re-sends unanswered events only when it reconnects"
-    " (gateway_firmware/app.py _replay_loop), and the service only logs the sequence gap"
-    " (server/mqtt/bridge.py _track_sequence); events the broker accepted while no service"
-    " was subscribed stay in the outboxes until that gateway's next reconnect",
-)
 async def test_events_replayed_while_the_service_is_still_away_are_not_stranded(
     tmp_path: Path, report: Report
 ) -> None:
