@@ -138,6 +138,20 @@ async def central(
         await service.stop()
 
 
+@pytest.fixture
+async def central_without_mqtt(
+    database_url: str, make_settings: Callable[..., ServerSettings], clock: FakeClock
+) -> AsyncIterator[Central]:
+    """A started service on either database with no MQTT bridge (money tests drive the
+    flows directly)."""
+    service = build_central(make_settings(database_url, mqtt_enabled=False), clock=clock)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
 @dataclass
 class Lane:
     """A fake gateway at one gate: publishes scans, returns the central service's answer."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from api_support import API_TOKEN, AUTH
+from api_support import API_TOKEN, AUTH, asgi_client
 from fastapi import FastAPI
 
 from parking_protocol.clock import FakeClock
@@ -56,12 +56,8 @@ def app(sqlite_url: str, tmp_path: Path, clock: FakeClock, broker: InMemoryBroke
 
 @pytest.fixture
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://test", headers=AUTH
-        ) as http:
-            yield http
+    async with asgi_client(app) as http:
+        yield http
 
 
 def central_of(app: FastAPI) -> Central:

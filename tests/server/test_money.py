@@ -4,7 +4,6 @@ validations, payment in advance, refunds and the ledger that records all of it."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 
 import pytest
@@ -15,8 +14,7 @@ from parking_protocol.clock import FakeClock
 from parking_protocol.types import Direction, GateAction, Money, Reason
 from server.accounts.models import Account, AccountCreate
 from server.audit.models import AuditEntry
-from server.central import Central, build_central
-from server.config import ServerSettings
+from server.central import Central
 from server.errors import ConflictError, UnprocessableError
 from server.gateways.models import GateCreate
 from server.lots.models import Lot, LotCreate, TariffSchema
@@ -38,15 +36,8 @@ SIMPLE = TariffSchema(grace_minutes=15, hourly_minor=500, daily_cap_minor=6000, 
 
 
 @pytest.fixture
-async def central(
-    database_url: str, make_settings: Callable[..., ServerSettings], clock: FakeClock
-) -> AsyncIterator[Central]:
-    service = build_central(make_settings(database_url, mqtt_enabled=False), clock=clock)
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.stop()
+def central(central_without_mqtt: Central) -> Central:
+    return central_without_mqtt
 
 
 def open_lot(central: Central, lot_id: str = "lot1", **extra: object) -> None:

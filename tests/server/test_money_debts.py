@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -16,8 +16,7 @@ from money_support import Desk, audit_ledger, sandbox
 from parking_protocol.clock import FakeClock
 from parking_protocol.types import Direction, GateAction, Money, Reason
 from server.accounts.models import Account, AccountCreate
-from server.central import Central, build_central
-from server.config import ServerSettings
+from server.central import Central
 from server.gateways.models import GateCreate
 from server.lots.models import LotCreate, TariffSchema
 from server.payments.provider import Authorisation, ChargeContext, SandboxCardProvider
@@ -28,15 +27,8 @@ HOURLY = TariffSchema(grace_minutes=0, hourly_minor=500, daily_cap_minor=None, c
 
 
 @pytest.fixture
-async def central(
-    database_url: str, make_settings: Callable[..., ServerSettings], clock: FakeClock
-) -> AsyncIterator[Central]:
-    service = build_central(make_settings(database_url, mqtt_enabled=False), clock=clock)
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.stop()
+def central(central_without_mqtt: Central) -> Central:
+    return central_without_mqtt
 
 
 def open_lot(central: Central, policy: str) -> None:

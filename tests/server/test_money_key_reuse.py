@@ -5,7 +5,6 @@ costs what it costs now (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 
 import pytest
@@ -15,8 +14,7 @@ from sqlmodel import Session, col, select
 from parking_protocol.clock import FakeClock
 from parking_protocol.types import Direction, GateAction, Money, Reason
 from server.accounts.models import Account, AccountCreate
-from server.central import Central, build_central
-from server.config import ServerSettings
+from server.central import Central
 from server.gateways.models import GateCreate
 from server.lots.models import Lot, LotCreate, TariffSchema
 from server.payments import service as payments
@@ -30,15 +28,8 @@ HOURLY = TariffSchema(grace_minutes=0, hourly_minor=500, daily_cap_minor=None, c
 
 
 @pytest.fixture
-async def central(
-    database_url: str, make_settings: Callable[..., ServerSettings], clock: FakeClock
-) -> AsyncIterator[Central]:
-    service = build_central(make_settings(database_url, mqtt_enabled=False), clock=clock)
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.stop()
+def central(central_without_mqtt: Central) -> Central:
+    return central_without_mqtt
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
-from api_support import API_TOKEN, AUTH
+from api_support import API_TOKEN, asgi_client
 from fastapi import FastAPI
 
 from parking_protocol.clock import FakeClock
@@ -120,12 +120,8 @@ def app(sqlite_url: str, tmp_path: Path, clock: FakeClock, broker: InMemoryBroke
 
 @pytest.fixture
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://test", headers=AUTH
-        ) as client:
-            yield client
+    async with asgi_client(app) as client:
+        yield client
 
 
 def central_of(app: FastAPI) -> Central:
