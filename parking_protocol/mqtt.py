@@ -5,6 +5,12 @@ imported only when this module is. It keeps one connection alive with capped, ji
 exponential backoff, re-subscribes on every connect, sets TCP_NODELAY on the socket (without
 it Nagle's algorithm meets delayed ACKs and a round trip costs 40-90 ms instead of <1 ms),
 and registers a last will.
+
+A connection attempt fails as soon as the socket closes before CONNACK (a TCP front or load
+balancer with no healthy broker behind it accepts and closes; so does Mosquitto at
+``max_connections``) and otherwise within ``connect_timeout``. Waiting out a fixed timeout
+instead would line the whole fleet's retries up again after an outage: everyone's attempt
+would end at the same moment, whatever jitter came before.
 """
 
 from __future__ import annotations
@@ -17,10 +23,13 @@ import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from parking_protocol.transport import ConnectHook, InboundMessage, LastWill, TransportUnavailable
 
@@ -60,12 +69,52 @@ def parse_broker_url(url: str) -> BrokerAddress:
     return BrokerAddress(host=host, port=port, tls=tls)
 
 
+class _Client(aiomqtt.Client):
+    """``aiomqtt.Client`` failing the connect at once when the socket closes before CONNACK.
+
+    aiomqtt (2.5) ignores paho's ``on_disconnect`` until the connection is established, so a
+    connection accepted and then closed before CONNACK left ``__aenter__`` waiting for its
+    whole timeout. paho reports that close through ``on_disconnect`` (``loop_read`` reads
+    EOF, closes the socket and calls it): here it fails the pending connect instead.
+    """
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None = None,
+    ) -> None:
+        pending = self._connected
+        if pending.done():
+            super()._on_disconnect(client, userdata, flags, reason_code, properties)
+            return
+        error = aiomqtt.MqttError(f"connection closed before CONNACK ({reason_code})")
+
+        def fail() -> None:
+            if not pending.done():
+                pending.set_exception(error)
+                # __aenter__ may already have failed on its own (the socket closed under
+                # connect()) and never await this: no "exception was never retrieved".
+                pending.exception()
+
+        # paho may call this from the executor thread running connect().
+        self._loop.call_soon_threadsafe(fail)
+
+
 class MqttTransport:
     """A self-reconnecting MQTT 5 client implementing ``Transport``.
 
     ``persistent=True`` keeps the broker-side session (subscriptions and queued QoS 1
     messages) across disconnects and restarts for ``session_expiry`` seconds: the central
     service uses it so events published while it restarts are delivered afterwards.
+
+    Between attempts it sleeps a full-jitter delay, uniform in ``[0, window]``: the window
+    starts at ``backoff_initial``, doubles after each failed attempt up to ``backoff_max``,
+    and is never narrower than the failed attempt took (capped by ``backoff_max``), so a
+    fleet whose attempts all fail after the same time spreads out again. ``connect_timeout``
+    bounds an attempt until CONNACK; ``timeout`` bounds each later operation (PUBACK, SUBACK).
     """
 
     def __init__(
@@ -82,6 +131,8 @@ class MqttTransport:
         tls_context: ssl.SSLContext | None = None,
         backoff_initial: float = 0.2,
         backoff_max: float = 10.0,
+        connect_timeout: float = 5.0,
+        timeout: float = 10.0,
         max_queued_incoming: int = 0,
         rng: random.Random | None = None,
     ) -> None:
@@ -98,6 +149,8 @@ class MqttTransport:
             self._tls_context = ssl.create_default_context()
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
+        self._connect_timeout = connect_timeout
+        self._timeout = timeout
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
         self._filters: dict[str, int] = {}
         self._hooks: list[ConnectHook] = []
@@ -172,7 +225,7 @@ class MqttTransport:
             yield await self._queue.get()
 
     # -- the connection loop -------------------------------------------------------------------
-    def _make_client(self) -> aiomqtt.Client:
+    def _make_client(self) -> _Client:
         will = None
         if self._will is not None:
             will = aiomqtt.Will(
@@ -180,7 +233,7 @@ class MqttTransport:
             )
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = self._session_expiry if self._persistent else 0
-        return aiomqtt.Client(
+        client = _Client(
             self._address.host,
             self._address.port,
             identifier=self.client_id,
@@ -193,15 +246,22 @@ class MqttTransport:
             properties=properties,
             tls_context=self._tls_context,
             socket_options=[TCP_NODELAY],
-            timeout=10,
+            timeout=self._connect_timeout,  # until CONNACK; see _run
         )
+        # paho's own TCP connect (and TLS handshake) timeout, default 5 s.
+        client._client.connect_timeout = self._connect_timeout
+        return client
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         delay = self._backoff_initial
         while not self._closing:
             client = self._make_client()
+            started, established = loop.time(), False
             try:
                 async with client:
+                    established = True
+                    client.timeout = self._timeout
                     self._client = client
                     for topic_filter, qos in self._filters.items():
                         await client.subscribe(topic_filter, qos=qos)
@@ -240,6 +300,9 @@ class MqttTransport:
                 self._client = None
             if self._closing:
                 break
-            # Full jitter: many gateways reconnecting after a broker restart spread out.
-            await asyncio.sleep(self._rng.uniform(0, delay))
+            # Full jitter: many gateways reconnecting after a broker restart spread out. An
+            # attempt that failed after a while (a timeout) widens the window to its length:
+            # attempts failing together after a fixed time must not retry together.
+            window = delay if established else max(delay, loop.time() - started)
+            await asyncio.sleep(self._rng.uniform(0, min(self._backoff_max, window)))
             delay = min(self._backoff_max, delay * 2)

@@ -117,13 +117,22 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
 
 @dataclass
 class RouteFaults:
-    """Seeded delivery faults: QoS 1 redelivery (duplicates) and delays that reorder."""
+    """Seeded delivery faults: QoS 1 redelivery (duplicates), delays that reorder, and drops.
+
+    ``drop`` is the chance that a delivery is silently lost although its publisher already
+    had its PUBACK (a broker restarted without persistence loses what it had accepted): the
+    publisher cannot tell, only an answer that never comes can. Each delivery to each
+    subscriber draws on its own; a dropped one is not duplicated either.
+    """
 
     rng: random.Random
     duplicate: float = 0.0
     max_delay: float = 0.0
+    drop: float = 0.0
     duplicated: int = 0
     """How many deliveries were doubled so far (for reports)."""
+    dropped: int = 0
+    """How many deliveries were lost so far (for reports)."""
 
 
 @dataclass
@@ -132,7 +141,7 @@ class InMemoryBroker:
 
     ``persistent`` clients keep a session: messages for them while they are disconnected are
     queued and delivered when a client with the same id connects again (as Mosquitto does
-    for ``clean_start=false``). ``faults`` injects duplicates and reordering; ``observer``
+    for ``clean_start=false``). ``faults`` injects duplicates, reordering and drops; ``observer``
     sees every published message.
     """
 
@@ -212,6 +221,10 @@ class InMemoryBroker:
         faults = self.faults
         if faults is None:
             client._deliver(message)
+            return
+        # No draw when drops are off: the duplicate/delay stream stays as it was.
+        if faults.drop > 0 and faults.rng.random() < faults.drop:
+            faults.dropped += 1
             return
         copies = 2 if faults.rng.random() < faults.duplicate else 1
         faults.duplicated += copies - 1

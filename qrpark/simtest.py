@@ -6,6 +6,8 @@ entry and an exit lane, connected through the in-memory broker, with simulated c
 barriers and loop detectors, drivers with phones, and faults chosen by the seed:
 
 * duplicated and reordered MQTT deliveries (QoS 1 redelivery, network jitter);
+* dropped deliveries, lost after their publisher had its PUBACK (a broker restarted without
+  persistence), events and replies to the service as well as commands to the gates;
 * a gateway cut off from the broker (its last will fires), then healed;
 * the broker going down and coming back;
 * the central service crashing at an await point (its unread messages and in-flight work
@@ -80,6 +82,7 @@ class SimConfig:
     dwell_s: tuple[float, float] = (120.0, 2400.0)
     faults: bool = True
     duplicate_p: float = 0.05
+    drop_p: float = 0.02
     max_delay_s: float = 0.05
     max_fault_s: float = 1800.0  # longest partition; broker and service outages are shorter
 
@@ -173,6 +176,7 @@ class World:
                 random.Random(seed * 7919 + 1),  # noqa: S311
                 duplicate=config.duplicate_p,
                 max_delay=config.max_delay_s,
+                drop=config.drop_p,
             )
             if config.faults
             else None
@@ -536,6 +540,7 @@ class World:
             self.counters["dead letters"] += bridge.stats.dead_letters
         if self.broker.faults is not None:
             self.counters["fault: duplicated delivery"] += self.broker.faults.duplicated
+            self.counters["fault: dropped delivery"] += self.broker.faults.dropped
 
 
 class Runner:

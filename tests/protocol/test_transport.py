@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import subprocess
 import sys
@@ -107,6 +108,7 @@ async def test_mqtt_transport_round_trip_and_tcp_nodelay(mosquitto: MosquittoPro
         assert await b.wait_connected(5)
         sock = a._client._client.socket()  # type: ignore[union-attr]
         assert isinstance(sock, socket.socket)
+        assert a._client.timeout == 10  # type: ignore[union-attr] # operations, not connect
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         messages = b.messages()
         await a.publish("qt/x", b"hello")
@@ -152,6 +154,104 @@ async def test_mqtt_transport_reconnects_after_broker_restart_and_resubscribes()
         await pub.close()
     finally:
         broker.stop()
+
+
+class _Front:
+    """A TCP listener on a free port: counts connections, closes each at once or holds it."""
+
+    def __init__(self, *, hold: bool = False) -> None:
+        self.hold = hold
+        self.accepted: list[float] = []
+        self.third = asyncio.Event()
+        self._held: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> _Front:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for writer in self._held:
+            writer.close()
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted.append(asyncio.get_running_loop().time())
+        if len(self.accepted) == 3:
+            self.third.set()
+        if self.hold:
+            self._held.append(writer)  # a broker that never answers CONNECT
+            return
+        writer.close()  # a front with no broker behind it
+
+
+class _Windows(random.Random):
+    """Records the upper bound of every backoff window drawn."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.windows: list[float] = []
+        self.drawn = asyncio.Event()
+
+    def uniform(self, a: float, b: float) -> float:
+        self.windows.append(b)
+        self.drawn.set()
+        return super().uniform(a, b)
+
+
+async def test_mqtt_connect_fails_at_once_when_the_socket_closes_before_connack() -> None:
+    # connect_timeout=10: only noticing the close can end each attempt in milliseconds.
+    async with _Front() as front:
+        transport = MqttTransport(
+            parse_broker_url(f"127.0.0.1:{front.port}"),
+            "t-front",
+            connect_timeout=10,
+            backoff_initial=0.01,
+            backoff_max=0.02,
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await transport.start()
+        try:
+            await asyncio.wait_for(front.third.wait(), 5)
+            assert front.accepted[2] - started < 1.0
+            assert not transport.connected
+            assert "closed before CONNACK" in (transport.last_error or "")
+        finally:
+            await transport.close()
+
+
+async def test_mqtt_connect_times_out_and_widens_the_backoff_to_the_attempt() -> None:
+    # A listener that never sends CONNACK: the attempt ends after connect_timeout (not the
+    # 10 s operation timeout), and the next jitter window is at least that long.
+    windows = _Windows()
+    async with _Front(hold=True) as front:
+        transport = MqttTransport(
+            parse_broker_url(f"127.0.0.1:{front.port}"),
+            "t-silent",
+            connect_timeout=0.3,
+            backoff_initial=0.01,
+            backoff_max=10,
+            rng=windows,
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await transport.start()
+        try:
+            await asyncio.wait_for(windows.drawn.wait(), 5)  # the first attempt ended
+            assert 0.3 <= loop.time() - started < 2.0
+            assert 0.3 <= windows.windows[0] < 2.0
+            assert not transport.connected
+        finally:
+            await transport.close()
 
 
 _DYING_CLIENT = """
@@ -239,3 +339,23 @@ async def test_in_memory_faults_duplicate_and_delay_deliveries() -> None:
     messages = sub.messages()
     assert (await next_message(messages)).payload == b"once"
     assert (await next_message(messages)).payload == b"once"
+
+
+async def test_in_memory_faults_drop_deliveries_after_the_publish_succeeded() -> None:
+    from parking_protocol.transport import RouteFaults
+
+    faults = RouteFaults(random.Random(5), drop=0.5)
+    broker = InMemoryBroker(faults=faults)
+    publisher, a, b = broker.client("p"), broker.client("a"), broker.client("b")
+    for client in (publisher, a, b):
+        await client.start()
+    await a.subscribe("x/+")
+    await b.subscribe("x/+")
+    for i in range(40):
+        await publisher.publish(f"x/{i}", b"m")  # returns: the publisher cannot tell
+    received = a._queue.qsize() + b._queue.qsize()
+    assert 0 < faults.dropped < 80  # each delivery to each subscriber draws on its own
+    assert received == 80 - faults.dropped
+    faults.drop = 1.0
+    await publisher.publish("x/last", b"m")
+    assert a._queue.qsize() + b._queue.qsize() == received
