@@ -16,10 +16,12 @@ True
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar, overload
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -63,6 +65,20 @@ RawCode = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 ShortText = Annotated[str, StringConstraints(max_length=200)]
 
 
+def _has_utc_form(value: datetime) -> datetime:
+    # 0001-01-01T00:00+01:00 is a valid aware datetime with no UTC form: every consumer
+    # (the database, comparisons) converts to UTC and would fail well after decoding.
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("timestamp out of range in UTC") from None
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, AfterValidator(_has_utc_form)]
+"""A timezone-aware time that also exists in UTC (years 1 to 9999 there)."""
+
+
 _T = TypeVar("_T", bound=BaseModel)
 
 
@@ -72,7 +88,8 @@ def new_id() -> str:
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No Infinity/NaN: not JSON, and they would not survive a re-encode (null).
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     v: Literal[1] = 1
 
@@ -84,7 +101,7 @@ class OfflineDecision(BaseModel):
 
     action: GateAction
     reason: Reason
-    decided_at: AwareDatetime
+    decided_at: Timestamp
 
 
 class ScanEvent(_Message):
@@ -105,7 +122,7 @@ class ScanEvent(_Message):
     boot: Annotated[int, Field(ge=0)]
     direction: Direction
     code: RawCode
-    scanned_at: AwareDatetime
+    scanned_at: Timestamp
     offline: OfflineDecision | None = None
 
 
@@ -126,8 +143,8 @@ class GateCommand(_Message):
     display: ShortText
     amount: Money | None = None
     session_id: str | None = None
-    issued_at: AwareDatetime
-    deadline: AwareDatetime
+    issued_at: Timestamp
+    deadline: Timestamp
 
 
 class EventAck(_Message):
@@ -163,7 +180,7 @@ class CommandReply(_Message):
     gate_id: GateId
     outcome: CommandOutcome
     detail: ShortText = ""
-    at: AwareDatetime
+    at: Timestamp
 
 
 class GatewayState(StrEnum):
@@ -182,7 +199,7 @@ class GatewayStatus(_Message):
     direction: Direction | None = None
     firmware_version: ShortText = ""
     boot: Annotated[int, Field(ge=0)] = 0
-    sent_at: AwareDatetime
+    sent_at: Timestamp
     queue_depth: Annotated[int, Field(ge=0)] = 0
     camera_fps: Annotated[float, Field(ge=0)] | None = None
     last_decode_ms: Annotated[float, Field(ge=0)] | None = None
@@ -196,7 +213,7 @@ class DenyList(_Message):
     list_id: MessageId
     lot_id: LotId
     accounts: tuple[str, ...]
-    issued_at: AwareDatetime
+    issued_at: Timestamp
 
 
 AnyMessage = Annotated[
@@ -273,5 +290,3 @@ def _classify(exc: ValidationError) -> ProtocolError:
 def message_json_schema() -> dict[str, Any]:
     """The JSON Schema of every message (for docs/protocol.md and third-party gateways)."""
     return _ADAPTER.json_schema()
-
-

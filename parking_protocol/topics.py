@@ -112,7 +112,7 @@ def shared(group: str, topic_filter: str) -> str:
 
 def parse_topic(topic: str) -> TopicRef | None:
     """Parse a topic of this scheme; ``None`` for anything else (never raises)."""
-    match = _TOPIC_RE.match(topic)
+    match = _TOPIC_RE.fullmatch(topic)  # not .match: its '$' matches before a final '\n'
     if match is None:
         return None
     if match["lkind"]:

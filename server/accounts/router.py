@@ -71,6 +71,15 @@ def get_account(account_id: str, caller: AccountReader, db: SessionDep) -> Accou
     response_model=TopupRead,
     responses={
         **KEY_RESPONSES,
+        201: {
+            "links": {  # OpenAPI link: what a client (and schemathesis) does next
+                "GetAccount": {
+                    "operationId": "get_account_api_v1_accounts__account_id__get",
+                    "parameters": {"account_id": "$request.path.account_id"},
+                    "description": "The account with its new balance",
+                }
+            }
+        },
         503: {"description": "The database was busy: retry with the same key"},
     },
 )

@@ -37,7 +37,21 @@ class GateOpenRead(BaseModel):
     command_id: str | None
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        201: {
+            "links": {  # OpenAPI link: what a client (and schemathesis) does next
+                "ListGates": {
+                    "operationId": "list_gates_api_v1_lots__lot_id__gates_get",
+                    "parameters": {"lot_id": "$request.path.lot_id"},
+                    "description": "The lot's gates, the new one among them",
+                }
+            }
+        }
+    },
+)
 def create_gate(
     lot_id: str, data: GateCreate, admin: ApiAdmin, db: SessionDep, now: NowDep
 ) -> GateRead:

@@ -30,7 +30,24 @@ router = APIRouter(prefix="/api/v1/lots/{lot_id}", tags=["tariffs"])
 MAX_PREVIEW = timedelta(days=366)
 
 
-@router.post("/tariffs", status_code=status.HTTP_201_CREATED)
+@router.post(
+    "/tariffs",
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        201: {
+            "links": {  # OpenAPI link: what a client (and schemathesis) does next
+                "GetTariffVersion": {
+                    "operationId": "get_version_api_v1_lots__lot_id__tariffs__version__get",
+                    "parameters": {
+                        "lot_id": "$request.path.lot_id",
+                        "version": "$response.body#/version",
+                    },
+                    "description": "The version just created",
+                }
+            }
+        }
+    },
+)
 def create_version(
     lot_id: str, data: TariffVersionCreate, admin: ApiAdmin, db: SessionDep, now: NowDep
 ) -> TariffVersionRead:
