@@ -36,6 +36,7 @@ from server.lots.models import LotCreate, LotRead
 from server.mqtt.bridge import BatchListener, Bridge, BridgeStats, Inbound, ScanHandler
 from server.readcache import ReadCache, TokenCache
 from server.sessions import service as sessions
+from server.sessions.fastpath import FastPath
 from server.sessions.flows import FlowConfig, Reply, handle_scan
 from server.sessions.models import SessionRead
 
@@ -89,6 +90,9 @@ class Central:
                 max_batch=settings.max_batch,
                 handler=handler,
                 on_batch=self._notify,
+                fast_path=FastPath(self.flow_config)
+                if settings.event_fast_path and handler is handle_scan
+                else None,
             )
         self.started = False
 

@@ -42,6 +42,9 @@ class ServerSettings(BaseSettings):
     clock_skew_s: Annotated[int, Field(ge=0, le=120)] = 5
     command_ttl_s: Annotated[int, Field(ge=1, le=300)] = 10
     max_batch: Annotated[int, Field(ge=1, le=10_000)] = 200
+    # Online entries and wallet exits decided with batched statements (server/sessions/
+    # fastpath.py); off: every event goes through the ORM flow (slower, same answers).
+    event_fast_path: bool = True
 
     # Operator panel and driver page (server.auth / server.panel / server.driver).
     admin_username: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")] = "admin"

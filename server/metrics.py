@@ -79,6 +79,21 @@ class _StateCollector(Collector):
         )
         conflicts.add_metric([], stats.conflicts)
         yield conflicts
+        paths = CounterMetricFamily(
+            "qrpark_events_decided",
+            "Scan events decided, by path: batched statements (fast) or the ORM flow (orm)",
+            labels=["path"],
+        )
+        paths.add_metric(["fast"], stats.fast)
+        paths.add_metric(["orm"], stats.events - stats.fast)
+        yield paths
+        fallbacks = CounterMetricFamily(
+            "qrpark_fast_path_fallbacks",
+            "Fast-path runs that failed as a whole (a race, a deadlock, a bug) and were decided"
+            " by the ORM flow instead",
+        )
+        fallbacks.add_metric([], stats.fast_fallbacks)
+        yield fallbacks
         gateways = GaugeMetricFamily("qrpark_gateways", "Gateways by state", labels=["state"])
         outbox = GaugeMetricFamily(
             "qrpark_gateway_outbox_depth",

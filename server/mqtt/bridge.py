@@ -43,6 +43,7 @@ from parking_protocol.topics import TopicKind, TopicRef, all_gates_filter, parse
 from parking_protocol.transport import InboundMessage, Transport, TransportUnavailable
 from server.gateways.sequence import SeqTracker
 from server.gateways.service import record_reply, record_status
+from server.sessions.fastpath import FastPath
 from server.sessions.flows import (
     FlowConfig,
     Reply,
@@ -87,6 +88,10 @@ class BridgeStats:
     """Entries and exits undone because the gate let their "open" expire unexecuted."""
     misaddressed: int = 0
     """Statuses and replies naming another gate than the topic they came on (ignored)."""
+    fast: int = 0
+    """Events decided by the batched fast path (the rest went through the ORM flow)."""
+    fast_fallbacks: int = 0
+    """Fast-path runs that failed (a race, a deadlock) and were handled by the ORM flow."""
     batches: int = 0
     largest_batch: int = 0
     failed_batches: int = 0
@@ -136,8 +141,10 @@ class Bridge:
         queue_size: int = 10_000,
         handler: ScanHandler = handle_scan,
         on_batch: BatchListener | None = None,
+        fast_path: FastPath | None = None,
     ) -> None:
         self.transport = transport
+        self.fast_path = fast_path
         self.on_batch = on_batch
         self.engine = engine
         self.clock = clock
@@ -273,16 +280,72 @@ class Bridge:
             await self._outbox.put((replies, len(batch)))
 
     def process_batch(self, batch: list[Inbound]) -> list[Reply]:
-        """One transaction for the batch, one SAVEPOINT per message (runs in a thread)."""
+        """One transaction for the batch (runs in a thread), in batch order: runs of online
+        scans through the fast path (one SAVEPOINT per run), everything else, and whatever
+        the fast path leaves, one message per SAVEPOINT through the ORM flow."""
         replies: list[Reply] = []
         with Session(self.engine, expire_on_commit=False) as db, db.begin():
-            for item in batch:
-                reply = self._process_one(db, item)
+            i = 0
+            while i < len(batch):
+                run = self._fast_run(batch, i)
+                if run:
+                    decided = self._process_fast(db, run)
+                    if decided is None:  # the run failed as a whole: one by one instead
+                        replies.extend(r for item in run if (r := self._process_one(db, item)))
+                        i += len(run)
+                        continue
+                    replies.extend(decided)
+                    i += len(decided)
+                    if len(decided) == len(run):
+                        continue
+                reply = self._process_one(db, batch[i])
                 if reply is not None:
                     replies.append(reply)
+                i += 1
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         return replies
+
+    def _fast_run(self, batch: list[Inbound], start: int) -> list[Inbound]:
+        """The online scans from ``start`` on that the fast path may take, in a row (none
+        when another handler than the ORM flow's ``handle_scan`` decides scans)."""
+        if self.fast_path is None or self.handler is not handle_scan:
+            return []
+        end = start
+        while end < len(batch):
+            message = batch[end].message
+            if not isinstance(message, ScanEvent) or not self.fast_path.handles(message):
+                break
+            end += 1
+        return batch[start:end]
+
+    def _process_fast(self, db: Session, run: list[Inbound]) -> list[Reply] | None:
+        """Decide a prefix of ``run`` in one SAVEPOINT; None if the run failed as a whole
+        (nothing of it written): a race with another process, a deadlock, a bug."""
+        assert self.fast_path is not None
+        now = self.clock.now()
+        items = [(item.message, item.ref) for item in run if isinstance(item.message, ScanEvent)]
+        try:
+            with db.begin_nested():
+                outcome = self.fast_path.decide(db.connection(), items, now)
+        except OperationalError as exc:
+            if _unreachable(exc):
+                raise
+            self.stats.fast_fallbacks += 1
+            log.info("fast path run of %d left to the ORM flow: %s", len(run), exc)
+            return None
+        except Exception:
+            self.stats.fast_fallbacks += 1
+            log.warning(
+                "fast path run of %d failed; the ORM flow decides it", len(run), exc_info=True
+            )
+            return None
+        if outcome.replies:
+            db.expire_all()  # rows the session loaded earlier may have changed under it
+        self.stats.fast += len(outcome.replies)
+        self.stats.events += len(outcome.replies)
+        self.stats.replays += outcome.replayed
+        return outcome.replies
 
     def _process_one(self, db: Session, item: Inbound) -> Reply | None:
         """Handle one message in its own SAVEPOINT; a lost race is handled once more."""

@@ -80,6 +80,10 @@ async def test_decisions_rejections_and_occupancy_are_counted(
     )
     assert found[opened] == 2  # the original and the replayed answer
     assert found[("qrpark_events_replayed_total", ())] == 1
+    # Both answers came from the batched fast path; nothing fell back to the ORM flow.
+    assert found[("qrpark_events_decided_total", (("path", "fast"),))] == 2
+    assert found[("qrpark_events_decided_total", (("path", "orm"),))] == 0
+    assert found[("qrpark_fast_path_fallbacks_total", ())] == 0
     assert found[("qrpark_mqtt_rejected_total", (("reason", "not_json"),))] == 1
     assert found[("qrpark_mqtt_rejected_total", (("reason", "bad_topic"),))] == 1
     assert found[("qrpark_lot_occupancy", (("lot", "p1"),))] == 1
