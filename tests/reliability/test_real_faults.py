@@ -1168,14 +1168,6 @@ class ReconnectStorm(AssertionError):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=ReconnectStorm,
-    reason="product bug: an attempt whose TCP connection is accepted and then closed before"
-    " CONNACK waits out the client's whole 10 s timeout (parking_protocol/mqtt.py"
-    " MqttTransport._make_client timeout=10; aiomqtt ignores a disconnect before CONNACK),"
-    " and that fixed wait re-aligns the fleet's jittered backoff: all retry together",
-)
 async def test_200_gateways_behind_accepting_fronts_reconnect_spread_out(
     tmp_path: Path, report: Report
 ) -> None:
