@@ -5,7 +5,9 @@ Starts a private Mosquitto (set_tcp_nodelay true) and the central service as its
 simulated gates that publish real signed scan events and wait for their commands:
 
 * 1 lane: one entry and one exit gate, one event in flight at a time;
-* N gates: N/2 lanes working concurrently, each paced at --rate events/s per gate.
+* N gates: N/2 lanes working concurrently, each paced at --rate events/s per gate;
+* throughput: several drivers per lane at once, each entering and leaving as soon as the
+  last answer came (as many events in flight as drivers), until all are answered.
 
 Every entry opens a session and every exit closes, prices and settles it. Prints p50/p90/p99.
 
@@ -201,9 +203,11 @@ async def run_lanes(
 
 
 async def flood(
-    broker_url: str, key_file: Path, lanes: int, events_per_gate: int
+    broker_url: str, key_file: Path, lanes: int, drivers: int, trips: int
 ) -> tuple[Stats, float]:
-    """Open loop: every gate publishes its events back to back; time until all are answered."""
+    """As many events in flight as drivers: each of ``drivers`` per lane enters, is
+    answered, leaves, is answered, ``trips`` times, all at once (every exit priced and paid).
+    Throughput is answered events over the time until the last answer."""
     ring = load_or_create_keys(key_file)
     key = ring.active
     stats = Stats()
@@ -217,30 +221,24 @@ async def flood(
     for pair in clients:
         for client in pair:
             await client.start()
-    now = datetime.now(UTC)
-    codes = [
-        [
-            issue_code(key.private_key, kid=key.kid, account_id=f"acct{i}", now=now)
-            for _ in range(events_per_gate * 2)
-        ]
-        for i in range(lanes)
-    ]
 
-    async def lane(i: int, entry: SimGateClient, exit_: SimGateClient) -> None:
-        pending = []
-        for n in range(events_per_gate * 2):
-            gate = entry if n % 2 == 0 else exit_
-            pending.append(asyncio.create_task(gate.scan(codes[i][n])))
-            await asyncio.sleep(0)
-        for latency, command in await asyncio.gather(*pending):
-            if command is None:
-                stats.timeouts += 1
-            else:
-                stats.latencies.append(latency)
-                stats.denied += command.action is GateAction.DENY
+    async def driver(account: str, entry: SimGateClient, exit_: SimGateClient) -> None:
+        for _ in range(trips):
+            for gate in (entry, exit_):
+                code = issue_code(
+                    key.private_key, kid=key.kid, account_id=account, now=datetime.now(UTC)
+                )
+                latency, command = await gate.scan(code)
+                if command is None:
+                    stats.timeouts += 1
+                else:
+                    stats.latencies.append(latency)
+                    stats.denied += command.action is GateAction.DENY
 
     started = time.perf_counter()
-    await asyncio.gather(*(lane(i, a, b) for i, (a, b) in enumerate(clients)))
+    await asyncio.gather(
+        *(driver(f"acct{i}-{j}", a, b) for i, (a, b) in enumerate(clients) for j in range(drivers))
+    )
     elapsed = time.perf_counter() - started
     for pair in clients:
         for client in pair:
@@ -249,9 +247,10 @@ async def flood(
 
 
 class Service:
-    """Mosquitto + the central service as its own process, provisioned for ``lanes`` lanes."""
+    """Mosquitto + the central service as its own process, provisioned for ``lanes`` lanes
+    (a driver each, plus ``drivers`` per lane for the flood)."""
 
-    def __init__(self, lanes: int, database_url: str | None) -> None:
+    def __init__(self, lanes: int, database_url: str | None, drivers: int = 0) -> None:
         self.work = Path(tempfile.mkdtemp(prefix="qrpark-bench-"))
         self.broker = MosquittoProcess().start()
         port = free_port()
@@ -313,14 +312,15 @@ class Service:
                 f"/api/v1/lots/{LOT}/gates",
                 {"gate_id": f"out{i}", "direction": "exit"},
             )
-            api(base, "POST", "/api/v1/accounts", {"account_id": f"acct{i}", "name": f"Driver {i}"})
-            api(
-                base,
-                "POST",
-                f"/api/v1/accounts/acct{i}/topups",
-                {"amount_minor": 100_000_000},
-                **{"Idempotency-Key": f"bench-topup-{i}"},
-            )
+            for account in [f"acct{i}"] + [f"acct{i}-{j}" for j in range(drivers)]:
+                api(base, "POST", "/api/v1/accounts", {"account_id": account, "name": account})
+                api(
+                    base,
+                    "POST",
+                    f"/api/v1/accounts/{account}/topups",
+                    {"amount_minor": 100_000_000},
+                    **{"Idempotency-Key": f"bench-topup-{account}"},
+                )
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -341,7 +341,8 @@ def run(
     """Latency at a realistic rate, then sustained throughput, for one database."""
     lanes = max(1, gates // 2)
     figures: list[Figure] = []
-    service = Service(lanes, database_url)
+    drivers = 4 if quick else 8
+    service = Service(lanes, database_url, drivers)
     try:
         one, t1 = asyncio.run(
             run_lanes(service.broker.url, service.key_file, 1, min(seconds, 5 if quick else 10), 0)
@@ -351,9 +352,11 @@ def run(
             run_lanes(service.broker.url, service.key_file, lanes, seconds, rate)
         )
         print(many.line(f"[{label}] {lanes * 2} gates @ {rate}/s", t2))
-        per_gate = 10 if quick else 40
-        flooded, t3 = asyncio.run(flood(service.broker.url, service.key_file, lanes, per_gate))
-        print(flooded.line(f"[{label}] {lanes * 2} gates flooding", t3))
+        trips = 5 if quick else 20
+        flooded, t3 = asyncio.run(
+            flood(service.broker.url, service.key_file, lanes, drivers, trips)
+        )
+        print(flooded.line(f"[{label}] {lanes * drivers} drivers at once", t3))
     finally:
         service.close()
     figures += [

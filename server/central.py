@@ -140,9 +140,12 @@ class Central:
         self.forget_cached_reads()
 
     def forget_cached_reads(self) -> None:
-        """After a write of this process: polled reads and token lookups are loaded anew."""
+        """After a write of this process: polled reads, token lookups and the lots, gates
+        and tariffs the event fast path keeps are loaded anew."""
         self.reads.clear()
         self.tokens.clear()
+        if self.bridge is not None and self.bridge.fast_path is not None:
+            self.bridge.fast_path.forget()  # a lot, gate or tariff may have changed
 
     def create_lot(self, data: LotCreate) -> LotRead:
         with self.db() as session:

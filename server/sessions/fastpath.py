@@ -11,7 +11,9 @@ that can be read for a whole batch at once. :meth:`FastPath.decide` does that:
    gates, lots, spent nonces, accounts, open stays, pending offline scans, occupancy,
    permits, validations, payment keys, wallet balances, tariff versions) — on PostgreSQL
    the stays and then the accounts locked ``FOR UPDATE``, in the order the ORM flow locks
-   them;
+   them; only lots and gates are cached, for ``ref_ttl`` (2 s), dropped at once when this
+   process changes one (:meth:`FastPath.forget`), so another process's change to a lot's
+   capacity or a gate's direction shows within 2 s;
 2. decides each event in order in memory, keeping what earlier events of the run did (a
    stay opened, a wallet debited, a code spent, an event answered), with the same rules and
    the same answers as the ORM flow;
@@ -30,9 +32,10 @@ nothing).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -193,6 +196,8 @@ _CLOSE = (
 )
 
 
+_MAX_CACHED_LOTS = 10_000
+
 _NOT_CLOSED: dict[str, Any] = {
     "exit_gate_id": None,
     "exit_event_id": None,
@@ -204,6 +209,16 @@ _NOT_CLOSED: dict[str, Any] = {
     "tariff_version": None,
     "payment_method": None,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class _LotRef:
+    """A lot as last read: its row and its gates' directions."""
+
+    tick: float  # time.monotonic() when read
+    now: datetime  # the service's clock when read
+    lot: Any
+    gates: dict[str, str]
 
 
 @dataclass(slots=True)
@@ -220,8 +235,8 @@ class _Facts:
 
     claims: dict[str, CodeClaims | Reason]  # event id -> the verified code, or why not
     processed: dict[str, tuple[str, str, str]]  # event id -> (lot, gate, reply json)
-    gates: dict[tuple[str, str], str]
-    lots: dict[str, Any]
+    refs: dict[str, _LotRef]  # lot id -> the lot and its gates
+    versions: dict[str, list[Any]]  # lot id -> its tariff versions (lots with an exit)
     spent: set[str]
     accounts: dict[str, Any]
     open: dict[tuple[str, str], _Stay]
@@ -232,7 +247,6 @@ class _Facts:
     validated: set[str]
     used_keys: set[str]
     balances: dict[tuple[str, str], int]
-    versions: dict[str, list[Any]]
 
 
 @dataclass(slots=True)
@@ -279,8 +293,12 @@ class Outcome:
 class FastPath:
     """Decides runs of online scan events with batched Core statements (see module doc)."""
 
-    def __init__(self, config: FlowConfig) -> None:
+    def __init__(self, config: FlowConfig, *, ref_ttl: float = 2.0) -> None:
         self.config = config
+        self.ref_ttl = ref_ttl
+        """How long lots and gates read are trusted (this process's own
+        changes drop them at once: :meth:`forget`; another process's show within it)."""
+        self._refs: dict[str, _LotRef] = {}
         self._tariffs: dict[Any, Tariff] = {}
 
     @staticmethod
@@ -305,15 +323,67 @@ class FastPath:
         return Outcome(replies, replayed)
 
     # -- reading ----------------------------------------------------------------------------
+    def forget(self) -> None:
+        """Drop the cached lots and gates (this process changed one)."""
+        self._refs.clear()
+
+    def _references(
+        self, conn: Connection, items: Sequence[Item], now: datetime
+    ) -> dict[str, _LotRef]:
+        """Each lot of the run with its gates, cached for ``ref_ttl``
+        (of real and of service time); reloaded at once when a gate is not in it."""
+        wanted: dict[str, set[str]] = {}
+        for event, ref in items:
+            wanted.setdefault(event.lot_id, set()).add(event.gate_id)
+            wanted.setdefault(ref.lot_id, set())
+        tick = time.monotonic()
+        # Read once: forget() may clear the cache from another thread meanwhile.
+        known = {lot: self._refs.get(lot) for lot in wanted}
+        found = {
+            lot: cached
+            for lot, cached in known.items()
+            if cached is not None
+            and tick - cached.tick <= self.ref_ttl
+            and timedelta(0) <= now - cached.now <= timedelta(seconds=self.ref_ttl)
+            and wanted[lot] <= cached.gates.keys()
+        }
+        stale = sorted(wanted.keys() - found.keys())
+        if stale:
+            params = {"lots": stale}
+            lots = {r.lot_id: r for r in conn.execute(_Q_LOTS, params)}
+            gates: dict[str, dict[str, str]] = {}
+            for r in conn.execute(_Q_GATES, params):
+                gates.setdefault(r.lot_id, {})[r.gate_id] = r.direction
+            if len(self._refs) > _MAX_CACHED_LOTS:
+                self._refs.clear()
+            for lot_id in stale:
+                self._refs.pop(lot_id, None)
+                if lot_id in lots:  # an unknown lot is asked again next time
+                    found[lot_id] = self._refs[lot_id] = _LotRef(
+                        tick, now, lots[lot_id], gates.get(lot_id, {})
+                    )
+        return found
+
     def _read(self, conn: Connection, items: Sequence[Item], now: datetime) -> _Facts:
         events = [event for event, _ in items]
-        lots = sorted({e.lot_id for e in events} | {ref.lot_id for _, ref in items})
+        refs = self._references(conn, items, now)
         claims = {
             e.event_id: _verify(e, event_time(e, now, self.config), self.config) for e in events
         }  # never trust the gateway's own verification
         valid = [c for c in claims.values() if not isinstance(c, Reason)]
         accounts = sorted({c.account_id for c in valid})
         nonces = [c.nonce for c in valid]
+        # What only an exit needs is read for the drivers scanning at an exit, and the lots'
+        # occupancy only when someone enters.
+        leaving = sorted(
+            {
+                c.account_id
+                for e in events
+                if e.direction is Direction.EXIT and not isinstance(c := claims[e.event_id], Reason)
+            }
+        )
+        entering = sorted({e.lot_id for e in events if e.direction is Direction.ENTRY})
+        exiting = sorted({e.lot_id for e in events if e.direction is Direction.EXIT})
         postgres = conn.dialect.name == "postgresql"
 
         def rows(query: sa.Select[Any], **params: Iterable[str]) -> list[sa.Row[Any]]:
@@ -340,26 +410,30 @@ class FastPath:
             )
             for r in open_rows
         }
-        session_ids = [stay.session_id for stay in open_stays.values()]
+        session_ids = [
+            stay.session_id for (account, _), stay in open_stays.items() if account in leaving
+        ]
+        # Read every time, not cached: a version added by another process from now on
+        # prices the stays entered from now on.
         versions: dict[str, list[Any]] = {}
-        for r in rows(_Q_VERSIONS, lots=lots):
+        for r in rows(_Q_VERSIONS, lots=exiting):
             versions.setdefault(r.lot_id, []).append(r)
         return _Facts(
             claims=claims,
+            versions=versions,
             processed=processed,
-            gates={(r.lot_id, r.gate_id): r.direction for r in rows(_Q_GATES, lots=lots)},
-            lots={r.lot_id: r for r in rows(_Q_LOTS, lots=lots)},
+            refs=refs,
             spent={r.nonce for r in rows(_Q_NONCES, nonces=nonces)},
             accounts={r.account_id: r for r in account_rows},
             open=open_stays,
             last_closed={
                 (r.account_id, r.lot_id): _aware(r.entered_at)
-                for r in rows(_Q_LAST_CLOSED, accounts=accounts)
+                for r in rows(_Q_LAST_CLOSED, accounts=leaving)
                 if r.entered_at is not None
             },
             pending={(r.account_id, r.lot_id) for r in rows(_Q_PENDING, accounts=accounts)},
-            occupancy={r.lot_id: int(r.n) for r in rows(_Q_OCCUPANCY, lots=lots)},
-            permit_holders={r.account_id for r in rows(_Q_PERMITS, accounts=accounts)},
+            occupancy={r.lot_id: int(r.n) for r in rows(_Q_OCCUPANCY, lots=entering)},
+            permit_holders={r.account_id for r in rows(_Q_PERMITS, accounts=leaving)},
             validated={r.session_id for r in rows(_Q_VALIDATIONS, sessions=session_ids)},
             used_keys={
                 r.idempotency_key
@@ -367,9 +441,8 @@ class FastPath:
             },
             balances={
                 (r.ledger_account, r.currency): int(r.total)
-                for r in rows(_Q_BALANCES, wallets=[wallet_account(a) for a in accounts])
+                for r in rows(_Q_BALANCES, wallets=[wallet_account(a) for a in leaving])
             },
-            versions=versions,
         )
 
 
@@ -448,10 +521,11 @@ class _Run:
         facts, writes = self.facts, self.writes
         if (event.lot_id, event.gate_id) != (ref.lot_id, ref.gate_id):
             return _Decision(GateAction.DENY, Reason.GATE_MISMATCH)
-        direction = facts.gates.get((event.lot_id, event.gate_id))
-        lot = facts.lots.get(event.lot_id)
-        if direction is None or lot is None:
+        ref_ = facts.refs.get(event.lot_id)
+        direction = None if ref_ is None else ref_.gates.get(event.gate_id)
+        if ref_ is None or direction is None:
             return _Decision(GateAction.DENY, Reason.GATE_UNKNOWN)
+        lot = ref_.lot
         if event.direction != Direction(direction):
             return _Decision(GateAction.DENY, Reason.GATE_MISMATCH)
         at = event_time(event, self.now, self.config)
