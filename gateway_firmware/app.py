@@ -578,8 +578,12 @@ class Gateway:
         match message:
             case GateCommand():
                 self.stats.commands_received += 1
+                pending = self.outbox.get(message.event_id) if message.event_id else None
+                unanswered = pending is not None and pending.offline is None
                 decided = self._answered(message) if message.event_id is not None else None
-                self.feed(CommandReceived(message, decided_offline=decided))
+                self.feed(
+                    CommandReceived(message, decided_offline=decided, unanswered=unanswered)
+                )
             case EventAck():
                 self.stats.acks += 1
                 self._disputed.discard(message.event_id)

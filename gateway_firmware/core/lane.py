@@ -129,10 +129,13 @@ class CodeDecoded:
 @dataclass(frozen=True, slots=True)
 class CommandReceived:
     """A command for this gate. ``decided_offline``: what the lane already did on its own
-    for the scan the command answers (the app knows it from the outbox), if anything."""
+    for the scan the command answers (the app knows it from the outbox), if anything.
+    ``unanswered``: that scan is still in the outbox with no decision at all (the lane
+    never acted on it), so a command the lane no longer waits for did not move the barrier."""
 
     command: GateCommand
     decided_offline: GateAction | None = None
+    unanswered: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,8 +327,8 @@ class Lane:
         match event:
             case CodeDecoded(code):
                 return self._on_code(code, now)
-            case CommandReceived(command, decided_offline):
-                return self._on_command(command, now, decided_offline)
+            case CommandReceived(command, decided_offline, unanswered):
+                return self._on_command(command, now, decided_offline, unanswered=unanswered)
             case DecisionTimeout(event_id):
                 if self._awaiting is not None and self._awaiting.event_id == event_id:
                     return self._decide_offline(now)
@@ -360,7 +363,12 @@ class Lane:
         ]
 
     def _on_command(
-        self, command: GateCommand, now: datetime, decided_offline: GateAction | None = None
+        self,
+        command: GateCommand,
+        now: datetime,
+        decided_offline: GateAction | None = None,
+        *,
+        unanswered: bool = False,
     ) -> list[Action]:
         cid = command.command_id
         if (command.lot_id, command.gate_id) != (self.lot_id, self.gate_id):
@@ -385,6 +393,11 @@ class Lane:
             return [Show(command.display), self._reply(cid, CommandOutcome.DONE)]
         awaiting = self._awaiting
         if awaiting is None or awaiting.event_id != command.event_id:
+            if unanswered and decided_offline is None:
+                # The lane forgot the scan (it restarted) or moved on to another: the
+                # barrier never moved for it, so the service must undo what it decided
+                # ("expired" means exactly that to it), or a stay stays open unparked.
+                return [self._reply(cid, CommandOutcome.EXPIRED, "no longer awaited")]
             return [self._reply(cid, CommandOutcome.REJECTED, "not awaiting this event")]
         self._awaiting = None
         if command.action is GateAction.OPEN:

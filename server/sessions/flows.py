@@ -39,7 +39,7 @@ from server.payments.models import Payment, RefundCreate
 from server.payments.provider import PaymentProviders
 from server.pricing import service as pricing
 from server.pricing.adjust import StayPrice
-from server.pricing.engine import lost_ticket_quote
+from server.pricing.engine import LineItem, Quote, lost_ticket_quote
 from server.sessions import service as sessions
 from server.sessions.models import ParkingSession, PendingScan, SessionState
 
@@ -324,7 +324,7 @@ def _decide(
         return decision
 
     exit_ = _Exit(db, lot, account, at, now, config, event.gate_id, event.event_id, False)
-    decision = _exit(exit_, current)
+    decision = _exit(exit_)
     if decision.action == GateAction.OPEN:
         _burn(db, claims, event, at)
     return decision
@@ -417,8 +417,11 @@ def _reconcile(
 
     if direction == Direction.ENTRY:
         entry = _Entry(db, lot, account, at, now, config, event.gate_id, event.event_id, True)
+        left = _pending_exit(entry)
         paid_as_lost = sessions.lost_ticket_exit_after(db, account.account_id, lot.lot_id, at)
-        if paid_as_lost is not None:
+        if paid_as_lost is not None and (
+            left is None or paid_as_lost.exited_at is None or paid_as_lost.exited_at <= left.at
+        ):
             # The car already left, online, paying the lost-ticket fee: this is that stay's
             # entry. Claimed (so it is matched once) and flagged; no second stay or charge.
             claimed = _pend(
@@ -435,7 +438,6 @@ def _reconcile(
                 now=now,
             )
             return _Decision(GateAction.OPEN, Reason.WELCOME, session_id=paid_as_lost.session_id)
-        left = _pending_exit(entry)
         if left is None and current is not None:
             # Still inside as far as we know: the exit of that stay has not arrived yet.
             # This entry waits for it (see _admit_pending_entry).
@@ -452,7 +454,7 @@ def _reconcile(
         return _enter(entry, left)
 
     exit_ = _Exit(db, lot, account, at, now, config, event.gate_id, event.event_id, True)
-    return _exit(exit_, current)
+    return _exit(exit_)
 
 
 def _pend(
@@ -563,7 +565,7 @@ def _undo_open(
         detail = f"exit stay {parking.state}, settlement {parking.settlement}"
         _undo_flag(db, scan, parking.account_id, detail, now)
         return
-    if any(p.status == "captured" for p in payments.session_payments(db, parking.session_id)):
+    if _refundable(db, parking.session_id) > 0:  # a stay re-paired cheaper may be refunded
         payments.refund_session(
             db,
             config.payments,
@@ -598,7 +600,9 @@ class _Entry:
 
 @dataclass(frozen=True, slots=True)
 class _Exit:
-    """One exit being decided (online, or reconciled after an offline open)."""
+    """One exit being decided (online, or reconciled after an offline open). ``opened``:
+    the barrier opened for it long ago (an exit moved to another stay), so it never waits
+    for a payment and never becomes a lost ticket."""
 
     db: Session
     lot: Lot
@@ -609,6 +613,11 @@ class _Exit:
     gate_id: str
     event_id: str
     offline: bool
+    opened: bool = False
+
+    @property
+    def must_open(self) -> bool:
+        return self.offline or self.opened
 
 
 def _pending_exit(entry: _Entry) -> PendingScan | None:
@@ -670,48 +679,217 @@ def _enter(entry: _Entry, left: PendingScan | None) -> _Decision:
     return _Decision(GateAction.OPEN, Reason.WELCOME, session_id=parking.session_id)
 
 
-def _exit(exit_: _Exit, current: ParkingSession | None) -> _Decision:
+def _exit(exit_: _Exit) -> _Decision:
     """Find the stay this exit ends, price and settle it; open, or deny with what is due.
 
-    The stay is the latest entry at or before the exit: the open session, or a later
-    offline entry still pending. Offline the gate already opened, and a ``pay_later`` lot
-    always opens: a payment that fails there turns the stay into a debt instead of a deny.
+    The stay is the one whose entry is the latest at or before the exit's scan time: the
+    open session, an offline entry still pending, or a stay that a later exit, arrived
+    first, already closed (this exit ends it instead: see :func:`_repair`). An exit with no
+    entry before it waits for one if its gate opened; an online one ends the open session
+    if there is one (a gateway clock slightly behind), else pays a lost-ticket fee.
+    Offline the gate already opened, and a ``pay_later`` lot always opens: a payment that
+    fails there turns the stay into a debt instead of a deny.
     """
     db, account, lot = exit_.db, exit_.account, exit_.lot
-    since = current.entered_at if current is not None else None
-    if since is None or since <= exit_.at or exit_.offline:
-        later = sessions.latest_pending(
-            db,
-            account.account_id,
-            lot.lot_id,
-            Direction.ENTRY.value,
-            not_after=exit_.at,
-            not_before=since if since is not None and since <= exit_.at else None,
-        )
-        if later is not None:
-            return _exit_pending_entry(exit_, later)
-    if current is not None and (since is None or since <= exit_.at or not exit_.offline):
-        at = max(exit_.at, current.entered_at)
-        stay, version = payments.stay_price(db, lot, current, at)
-        decision = _settle(replace(exit_, at=at), current, stay, version.version)
-        if current.state == SessionState.CLOSED:
-            _admit_pending_entry(replace(exit_, at=at))
-        return decision
-    if exit_.offline:
+    stay = sessions.stay_entered_by(db, account.account_id, lot.lot_id, exit_.at)
+    waiting = sessions.latest_pending(
+        db,
+        account.account_id,
+        lot.lot_id,
+        Direction.ENTRY.value,
+        not_after=exit_.at,
+        not_before=stay.entered_at if stay is not None else None,
+    )
+    if waiting is not None:
+        return _exit_pending_entry(exit_, waiting)
+    if stay is not None and stay.state == SessionState.OPEN:
+        return _close(exit_, stay)
+    if stay is not None and stay.exited_at is not None and stay.exited_at > exit_.at:
+        return _repair(exit_, stay)
+    if exit_.must_open:
         # The gate opened before its entry reached us: the entry settles it when it comes.
-        sessions.record_pending(
+        _pend_exit(exit_)
+        log.info("offline exit of %s in %s kept pending", account.account_id, lot.lot_id)
+        return _deny(Reason.NO_OPEN_SESSION)
+    current = sessions.find_open(db, account.account_id, lot.lot_id)
+    if current is not None and current.entered_at - exit_.at <= exit_.config.skew:
+        # Scanned just before the open stay began: a gateway clock slightly behind.
+        return _close(replace(exit_, at=max(exit_.at, current.entered_at)), current)
+    if current is not None:
+        # Scanned well before the open stay began (a live exit delivered late, after a
+        # partition): not that stay's exit. If its barrier opened offline, the lane sends it
+        # again with that decision and it waits for its own entry.
+        log.info("exit %s predates the open stay of %s: denied", exit_.event_id, account.account_id)
+        return _deny(Reason.NO_OPEN_SESSION)
+    return _lost_ticket(exit_)
+
+
+def _close(exit_: _Exit, current: ParkingSession) -> _Decision:
+    """The exit ends the open session: price and settle it; a waiting entry may begin."""
+    stay, version = payments.stay_price(exit_.db, exit_.lot, current, exit_.at)
+    decision = _settle(exit_, current, stay, version.version)
+    if current.state == SessionState.CLOSED:
+        _admit_pending_entry(exit_)
+    return decision
+
+
+def _repair(exit_: _Exit, stay: ParkingSession) -> _Decision:
+    """The exit falls inside a stay a later exit already closed: it is that stay's exit
+    (the first one after its entry), and the later exit ends the next stay, found the same
+    way — or waits for its entry. Stays only ever close here, none is reopened."""
+    assert stay.exited_at is not None
+    assert stay.exit_gate_id is not None
+    assert stay.exit_event_id is not None
+    freed = _Exit(
+        exit_.db,
+        exit_.lot,
+        exit_.account,
+        stay.exited_at,
+        exit_.now,
+        exit_.config,
+        stay.exit_gate_id,
+        stay.exit_event_id,
+        stay.offline_exit,
+        opened=True,
+    )
+    log.warning(
+        "exit %s of %s in %s ends stay %s, closed by the later exit %s: re-paired",
+        exit_.event_id,
+        exit_.account.account_id,
+        exit_.lot.lot_id,
+        stay.session_id,
+        freed.event_id,
+    )
+    decision = _move_exit(exit_, stay)
+    moved = _exit(freed)
+    if moved.action != GateAction.OPEN:
+        _pend_exit(freed)
+    _repoint(freed, stay.session_id, moved.session_id if moved.action == GateAction.OPEN else None)
+    return decision
+
+
+def _move_exit(exit_: _Exit, stay: ParkingSession) -> _Decision:
+    """``stay`` ends at ``exit_`` now, priced at its own times; what it was charged above
+    that is refunded. What cannot be (a debt, a failed refund) stays charged, shown as a
+    line of its own, and is flagged for an operator."""
+    db = exit_.db
+    charged = stay.amount_minor or 0
+    price, version = payments.stay_price(db, exit_.lot, stay, exit_.at)
+    quote = price.quote
+    over = charged - quote.amount.amount_minor
+    kept = over - _refund_part(exit_, stay, over) if over > 0 else over
+    if kept:
+        detail = (
+            f"stay {stay.session_id} re-paired with exit {exit_.event_id}: it costs"
+            f" {quote.amount.amount_minor} at its own times, {charged} was charged, {kept}"
+            " of the difference is left as charged"
+        )
+        _flag_exit(exit_, kind="re_paired_charge_kept", detail=detail)
+        quote = Quote(
+            quote.amount.model_copy(update={"amount_minor": quote.amount.amount_minor + kept}),
+            quote.duration,
+            (*quote.line_items, LineItem("As charged before its exit was corrected", 1, kept)),
+        )
+    settlement = stay.settlement or "free"
+    sessions.close_session(
+        db,
+        stay,
+        gate_id=exit_.gate_id,
+        event_id=exit_.event_id,
+        exited_at=exit_.at,
+        quote=quote,
+        settlement=settlement,
+        charge_transaction_id=stay.charge_transaction_id,
+        offline=exit_.offline,
+        tariff_version=version.version,
+        payment_method=stay.payment_method,
+    )
+    if settlement == "owed":
+        return _Decision(
+            GateAction.OPEN,
+            Reason.INSUFFICIENT_BALANCE,
+            amount=quote.amount,
+            session_id=stay.session_id,
+            display=f"Unpaid {quote.amount.display()} - owed, top up in the app",
+        )
+    return _Decision(GateAction.OPEN, Reason.PAID, amount=quote.amount, session_id=stay.session_id)
+
+
+def _refundable(db: Session, session_id: str) -> int:
+    """What of a stay's captured payments has not been refunded yet."""
+    paid = [p for p in payments.session_payments(db, session_id) if p.status == "captured"]
+    done = payments.refunded_minor(db, [p.payment_id for p in paid])
+    return sum(p.amount_minor - done.get(p.payment_id, 0) for p in paid)
+
+
+def _refund_part(exit_: _Exit, stay: ParkingSession, wanted: int) -> int:
+    """Refund up to ``wanted`` of what ``stay`` was paid; returns what was refunded."""
+    db = exit_.db
+    before = _refundable(db, stay.session_id)
+    part = min(wanted, before)
+    if part <= 0:
+        return 0
+    try:
+        payments.refund_session(
             db,
+            exit_.config.payments,
+            parking=stay,
+            data=RefundCreate(
+                amount_minor=part, reason="the stay ended at an earlier exit", actor="reconcile"
+            ),
+            key=f"pair:{exit_.event_id}",  # short: the wallet's refund ref holds 100 chars
+            now=exit_.now,
+        )
+    except payments.PaymentUnavailable as exc:
+        log.warning("refund of re-paired stay %s not confirmed: %s", stay.session_id, exc)
+    return before - _refundable(db, stay.session_id)
+
+
+def _flag_exit(exit_: _Exit, *, kind: str, detail: str) -> None:
+    log.warning("%s at %s/%s: %s", kind, exit_.lot.lot_id, exit_.gate_id, detail)
+    sessions.add_flag(
+        exit_.db,
+        event_id=exit_.event_id,
+        lot_id=exit_.lot.lot_id,
+        gate_id=exit_.gate_id,
+        account_id=exit_.account.account_id,
+        kind=kind,
+        detail=detail,
+        now=exit_.now,
+    )
+
+
+def _pend_exit(exit_: _Exit) -> None:
+    """An exit whose gate opened waits for its entry (again, if it had been settled)."""
+    known = sessions.get_pending(exit_.db, exit_.event_id)
+    if known is None:
+        sessions.record_pending(
+            exit_.db,
             event_id=exit_.event_id,
-            account_id=account.account_id,
-            lot_id=lot.lot_id,
+            account_id=exit_.account.account_id,
+            lot_id=exit_.lot.lot_id,
             gate_id=exit_.gate_id,
             direction=Direction.EXIT.value,
             at=exit_.at,
             now=exit_.now,
         )
-        log.info("offline exit of %s in %s kept pending", account.account_id, lot.lot_id)
-        return _deny(Reason.NO_OPEN_SESSION)
-    return _lost_ticket(exit_)
+    elif known.session_id is not None:
+        sessions.unsettle_pending(exit_.db, known)
+
+
+def _repoint(moved: _Exit, old: str, new: str | None) -> None:
+    """An exit moved from stay ``old`` to ``new`` (None: it waits for its entry): its
+    stored answer and its pending scan name that stay, so undoing it later finds it."""
+    db = moved.db
+    done = sessions.get_processed(db, moved.event_id)
+    if done is not None:
+        stored = decode(done.reply_json)
+        if isinstance(stored, GateCommand | EventAck) and stored.session_id == old:
+            again = stored.model_copy(update={"session_id": new})
+            sessions.replace_reply(db, done, encode(again).decode())
+    known = sessions.get_pending(db, moved.event_id)
+    if known is not None and new is not None:
+        sessions.settle_pending(db, known, new, moved.now)
 
 
 def _exit_pending_entry(exit_: _Exit, pending: PendingScan) -> _Decision:
@@ -806,7 +984,7 @@ def _settle(exit_: _Exit, parking: ParkingSession, stay: StayPrice, version: int
         amount=due,
         key=_payment_key(exit_.db, parking, exit_.event_id),
         now=exit_.at,
-        allow_debt=exit_.offline or exit_.lot.payment_policy == "pay_later",
+        allow_debt=exit_.must_open or exit_.lot.payment_policy == "pay_later",
         check_replay=False,  # handle_scan answered redeliveries already
     )
     if settled.status in ("declined", "unavailable"):

@@ -33,6 +33,7 @@ __all__ = [
     "count_open",
     "earliest_pending",
     "find_open",
+    "get_pending",
     "get_processed",
     "latest_pending",
     "list_flags",
@@ -52,6 +53,8 @@ __all__ = [
     "require_session",
     "session_read",
     "settle_pending",
+    "stay_entered_by",
+    "unsettle_pending",
 ]
 
 
@@ -63,6 +66,25 @@ def find_open(db: Session, account_id: str, lot_id: str) -> ParkingSession | Non
             ParkingSession.state == SessionState.OPEN,
         )
     ).first()
+
+
+def stay_entered_by(
+    db: Session, account_id: str, lot_id: str, at: datetime
+) -> ParkingSession | None:
+    """The stay, open or closed, whose entry is the latest at or before ``at`` (a voided
+    entry or a lost-ticket exit, whose "entry" is its exit, is no entry)."""
+    found: ParkingSession | None = db.exec(
+        select(ParkingSession)
+        .where(
+            ParkingSession.account_id == account_id,
+            ParkingSession.lot_id == lot_id,
+            col(ParkingSession.state).in_([SessionState.OPEN, SessionState.CLOSED]),
+            col(ParkingSession.lost_ticket).is_(False),
+            ParkingSession.entered_at <= at,
+        )
+        .order_by(col(ParkingSession.entered_at).desc(), col(ParkingSession.session_id).desc())
+    ).first()
+    return found
 
 
 def count_open(db: Session, lot_id: str) -> int:
@@ -343,6 +365,18 @@ def settle_pending(db: Session, pending: PendingScan, session_id: str, now: date
     pending.settled_at = now
     db.add(pending)
     db.flush()
+
+
+def unsettle_pending(db: Session, pending: PendingScan) -> None:
+    """The stay ``pending`` was settled by turned out not to be its own: it waits again."""
+    pending.session_id = None
+    pending.settled_at = None
+    db.add(pending)
+    db.flush()
+
+
+def get_pending(db: Session, event_id: str) -> PendingScan | None:
+    return db.get(PendingScan, event_id)
 
 
 def list_pending(db: Session, *, lot_id: str | None = None) -> list[PendingScan]:

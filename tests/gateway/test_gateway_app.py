@@ -179,11 +179,13 @@ async def test_restart_replays_unanswered_events_with_a_new_boot(
         1,
         1,
     )
-    # The server answers the stale event with a command; the new lane refuses it, and the
-    # event leaves the outbox because it was answered.
+    # The server answers the stale event with a command; the new lane never acted on that
+    # scan, so it says "expired" (the barrier did not move: the service undoes what it
+    # decided), and the event leaves the outbox because it was answered.
     await eventually(lambda: second.gateway.outbox.depth == 0)
     await eventually(lambda: len(second.server.replies) == 1)
-    assert second.server.replies[0].outcome is CommandOutcome.REJECTED
+    assert second.server.replies[0].outcome is CommandOutcome.EXPIRED
+    assert second.server.replies[0].detail == "no longer awaited"
     assert second.gate.events() == []
     second.camera.push_code(issue("bob"))
     await eventually(lambda: second.gate.is_open)

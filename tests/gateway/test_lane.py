@@ -147,6 +147,27 @@ def test_no_answer_within_the_timeout_decides_offline(key: Ed25519PrivateKey) ->
     assert reply == [SendReply(late.command_id, CommandOutcome.REJECTED, "not awaiting this event")]
 
 
+def test_an_open_for_a_scan_the_lane_no_longer_awaits_and_never_acted_on_is_expired(
+    key: Ed25519PrivateKey,
+) -> None:
+    """The gateway restarted (or the driver scanned again) before the answer came: the
+    barrier never moved for that scan, and the service must hear so (it undoes the entry
+    on "expired"); "rejected" would leave it a stay for a car that never came in."""
+    lane = make_lane(key)
+    forgotten = scan(lane, code_for(key))
+    restarted = make_lane(key)  # a fresh lane: what a power loss leaves
+    late = command(forgotten, T0)
+    reply = restarted.handle(CommandReceived(late, unanswered=True), T0 + timedelta(seconds=1))
+    assert reply == [SendReply(late.command_id, CommandOutcome.EXPIRED, "no longer awaited")]
+    assert of(OpenGate, reply) == []
+    # Without the outbox saying the scan is still undecided, the lane cannot tell.
+    other = command(forgotten, T0)
+    reply = restarted.handle(CommandReceived(other), T0 + timedelta(seconds=1))
+    assert reply == [
+        SendReply(other.command_id, CommandOutcome.REJECTED, "not awaiting this event")
+    ]
+
+
 @pytest.mark.parametrize("online", [True, False])
 def test_a_used_up_code_is_spent_before_the_barrier_moves(
     key: Ed25519PrivateKey, online: bool
@@ -498,3 +519,22 @@ def test_a_barrier_found_up_at_start_closes_once_the_lane_is_clear(
     empty = make_lane(key)
     assert any(isinstance(a, CloseGate) for a in empty.handle(BarrierFound(), T0))
     assert empty.state is LaneState.IDLE
+
+
+def test_next_deadline_is_when_a_tick_next_acts(key: Ed25519PrivateKey) -> None:
+    """Lane.next_deadline: a Tick before it does nothing (callers may skip those ticks)."""
+    lane = make_lane(key)
+    assert lane.next_deadline is None  # idle: no tick ever acts
+    lane.handle(CodeDecoded(code_for(key, T0)), T0)
+    assert lane.next_deadline == T0 + DECISION
+    assert lane.handle(Tick(), T0 + DECISION - timedelta(milliseconds=1)) == []
+    assert lane.state is LaneState.AWAITING_DECISION
+    actions = lane.handle(Tick(), T0 + DECISION)  # decided offline: opens
+    assert of(OpenGate, actions) == [OpenGate()]
+    assert lane.next_deadline == T0 + DECISION + HOLD
+    lane.handle(PresenceChanged(True), T0 + DECISION)
+    assert of(CloseGate, lane.handle(Tick(), T0 + DECISION + HOLD)) == []  # a car: stays up
+    assert lane.next_deadline == T0 + DECISION + HOLD  # past: every tick checks again
+    lane.handle(PresenceChanged(False), T0 + DECISION + HOLD)  # passed: closed at once
+    assert lane.state is LaneState.IDLE
+    assert lane.next_deadline is None

@@ -380,40 +380,12 @@ async def test_broker_kill_9_under_load_loses_and_doubles_nothing(
             down_s = await kill_broker_mid_traffic(site, broker, report, down_s=3.0)
             await site.settle()
             summary(site, f"broker down {down_s:.1f} s")
-            try:
-                site.check_exactly_once(report)
-            except AssertionError:
-                if crossed_stays(site):
-                    pytest.xfail(
-                        "known bug, pinned exactly by test_a_disputed_exit_resent_after_a_"
-                        "later_exit_closes_its_own_stay: an exit re-sent late closes no stay"
-                    )
-                raise
+            site.check_exactly_once(report)
             gateways = [lane.gateway for lane in site.gateways()]
             assert all(g.uplink.connects >= 2 for g in gateways)  # every gateway came back
             assert sum(g.stats.offline_decisions for g in gateways) > 0, "the kill hit no scan"
             assert sum(g.stats.events_replayed for g in gateways) > 0
             assert set(site.tally.refusals) <= CATCHING_UP, site.tally.refusals
-
-
-def crossed_stays(site: Site) -> bool:
-    """The known pairing bug's signature: a stay left open while an offline exit of the
-    same driver waits unsettled (see CrossedStays)."""
-    engine = sa.create_engine(site.database_url)
-    try:
-        with engine.connect() as conn:
-            stuck = conn.execute(
-                sa.text(
-                    "select count(*) from parking_sessions s join pending_scans p"
-                    " on p.account_id = s.account_id and p.lot_id = s.lot_id"
-                    " where s.lot_id = :lot and s.state = 'open' and p.direction = 'exit'"
-                    " and p.settled_at is null"
-                ),
-                {"lot": site.lot},
-            ).scalar_one()
-    finally:
-        engine.dispose()
-    return bool(stuck)
 
 
 async def kill_broker_mid_traffic(
@@ -531,15 +503,6 @@ class CrossedStays(AssertionError):
     """Exits were paired with the wrong stays."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=CrossedStays,
-    reason="product bug: server/sessions/flows.py pairs an exit with whichever stay is open"
-    " when it arrives (_decide/_reconcile: sessions.find_open), not with the stay its"
-    " scan time falls in, and never re-pairs when an earlier exit turns up: a disputed"
-    " exit re-sent after a later exit closes nothing and waits as a pending scan forever;"
-    " one stay stays open, unbilled. Seen in test_broker_kill_9_under_load_...",
-)
 async def test_a_disputed_exit_resent_after_a_later_exit_closes_its_own_stay(
     mosquitto: MosquittoProcess, tmp_path: Path, report: Report
 ) -> None:

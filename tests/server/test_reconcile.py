@@ -380,3 +380,196 @@ async def test_an_offline_entry_after_a_lost_ticket_exit_is_that_stays_entry(
     assert central.balance("bob") == 10_000 - 8000
     with Session(central.engine) as db:
         assert [f.kind for f in db.exec(select(ReconcileFlag)).all()] == ["entry_after_lost_ticket"]
+
+
+# -- an exit pairs with the stay its scan time falls in, whenever it arrives ----------------------
+
+H = timedelta(hours=1)
+
+
+def minted(world: World, lane: Lane, at: datetime) -> ScanEvent:
+    """An event scanned at ``at`` with a code valid then (the clock is moved to ``at``)."""
+    world.clock.set(at)
+    return lane.event(world.code(), scanned_at=at)
+
+
+async def crossed(world: World) -> tuple[datetime, ScanEvent, ScanEvent]:
+    """Entry A1 (t0, offline), exit X1 (t0+1 h), entry A2 (t0+2 h, offline), exit X2 (t0+4 h).
+
+    X1 reaches the service live before A1 was replayed (denied, "no parking session"; the
+    lane opened on its own); X2 arrives live and ends the only stay known; then A2 is
+    replayed and opens a second one. Returns t0, X1 and X2.
+    """
+    t0 = world.clock.now()
+    a1 = offline(minted(world, world.entry, t0))
+    x1 = minted(world, world.exit, t0 + H)
+    denied = await world.exit.send(x1)
+    assert isinstance(denied, GateCommand)
+    assert denied.reason == Reason.NO_OPEN_SESSION
+    await world.entry.send(a1)
+    a2 = offline(minted(world, world.entry, t0 + 2 * H))
+    x2 = minted(world, world.exit, t0 + 4 * H)
+    paid = await world.exit.send(x2)
+    assert paid.amount == Money(amount_minor=4 * HOUR, currency="CNY")
+    await world.entry.send(a2)
+    assert stays(world) == [("closed", t0, t0 + 4 * H), ("open", t0 + 2 * H, None)]
+    return t0, x1, x2
+
+
+async def test_an_exit_arriving_after_a_later_exit_ends_its_own_stay_and_passes_that_on(
+    world: World,
+) -> None:
+    t0, x1, x2 = await crossed(world)
+
+    ack = await world.exit.send(offline(x1))  # X1 re-sent as the offline open it was
+
+    assert isinstance(ack, EventAck)
+    assert stays(world) == [("closed", t0, t0 + H), ("closed", t0 + 2 * H, t0 + 4 * H)]
+    first, second = sessions_of(world)
+    assert ack.session_id == first.session_id
+    assert first.amount == Money(amount_minor=HOUR, currency="CNY")  # priced at its own times
+    assert second.amount == Money(amount_minor=2 * HOUR, currency="CNY")
+    assert world.balance() == 10_000 - 3 * HOUR  # 4 hours charged, 3 refunded, 2 charged
+    assert charges(world) == 2
+    assert pending(world) == []
+    assert flags(world) == []
+    # X2's stored answer now names the stay it ended; replays change nothing.
+    again = await world.exit.send(x2)
+    assert again.session_id == second.session_id
+    assert await world.exit.send(offline(x1)) == ack
+    assert world.balance() == 10_000 - 3 * HOUR
+
+
+async def test_a_later_exit_freed_by_an_earlier_one_waits_for_its_own_entry(world: World) -> None:
+    t0 = world.clock.now()
+    a1 = offline(minted(world, world.entry, t0))
+    x1 = offline(minted(world, world.exit, t0 + H))
+    a2 = offline(minted(world, world.entry, t0 + 2 * H))
+    x2 = minted(world, world.exit, t0 + 4 * H)
+    await world.entry.send(a1)
+    await world.exit.send(x2)  # live: ends the only stay known
+
+    await world.exit.send(x1)
+
+    assert stays(world) == [("closed", t0, t0 + H)]
+    assert [p.event_id for p in pending(world)] == [x2.event_id]
+    assert world.balance() == 10_000 - HOUR
+
+    await world.entry.send(a2)
+
+    assert stays(world) == [("closed", t0, t0 + H), ("closed", t0 + 2 * H, t0 + 4 * H)]
+    assert pending(world) == []
+    assert world.balance() == 10_000 - 3 * HOUR
+    assert world.central.get_lot("lot1").occupancy.open_sessions == 0
+
+
+async def test_an_early_exit_re_pairs_every_later_stay_in_turn(world: World) -> None:
+    t0 = world.clock.now()
+    a1 = offline(minted(world, world.entry, t0))
+    x1 = offline(minted(world, world.exit, t0 + H))
+    a2 = offline(minted(world, world.entry, t0 + 2 * H))
+    await world.entry.send(a1)
+    await world.exit.send(minted(world, world.exit, t0 + 3 * H))  # ends A1's stay, for now
+    await world.entry.send(a2)
+    a3 = offline(minted(world, world.entry, t0 + 4 * H))
+    await world.exit.send(minted(world, world.exit, t0 + 6 * H))  # ends A2's stay, for now
+    await world.entry.send(a3)
+    assert stays(world) == [
+        ("closed", t0, t0 + 3 * H),
+        ("closed", t0 + 2 * H, t0 + 6 * H),
+        ("open", t0 + 4 * H, None),
+    ]
+
+    await world.exit.send(x1)
+
+    assert stays(world) == [
+        ("closed", t0, t0 + H),
+        ("closed", t0 + 2 * H, t0 + 3 * H),
+        ("closed", t0 + 4 * H, t0 + 6 * H),
+    ]
+    assert [s.amount.amount_minor for s in sessions_of(world)] == [HOUR, HOUR, 2 * HOUR]
+    assert world.balance() == 10_000 - 4 * HOUR
+    assert pending(world) == []
+
+
+async def test_voiding_a_re_paired_exit_reopens_the_stay_it_moved_to(world: World) -> None:
+    t0, x1, x2 = await crossed(world)
+    await world.exit.send(offline(x1))
+
+    # The live "open" for X2 came too late: that barrier had stayed shut.
+    ack = await world.exit.send(offline(x2, GateAction.DENY))
+
+    assert isinstance(ack, EventAck)
+    assert stays(world) == [("closed", t0, t0 + H), ("open", t0 + 2 * H, None)]
+    assert world.balance() == 10_000 - HOUR
+    assert flags(world) == []
+
+
+async def test_a_re_paired_stay_owed_as_a_debt_keeps_its_charge_and_is_flagged(
+    world: World,
+) -> None:
+    world.central.create_account(AccountCreate(account_id="bob", name="Bob"))
+    world.central.topup("bob", 100, idempotency_key="bob-1")
+    t0 = world.clock.now()
+    events = []
+    for lane, at in [(world.entry, t0), (world.exit, t0 + H), (world.entry, t0 + 2 * H)]:
+        world.clock.set(at)
+        events.append(offline(lane.event(world.code("bob"), scanned_at=at)))
+    world.clock.set(t0 + 4 * H)
+    a1, x1, a2 = events
+    x2 = offline(world.exit.event(world.code("bob")))
+    for event in (a1, x2, a2):  # X2 ends A1's stay as a debt of 4 hours; A2 opens a stay
+        lane = world.entry if event.direction is Direction.ENTRY else world.exit
+        await lane.send(event)
+
+    await world.exit.send(x1)
+
+    assert stays(world, "bob") == [("closed", t0, t0 + H), ("closed", t0 + 2 * H, t0 + 4 * H)]
+    first, second = sessions_of(world, "bob")
+    # A debt cannot be lowered here: the first stay keeps its 4 hours, shown as such.
+    assert first.amount == Money(amount_minor=4 * HOUR, currency="CNY")
+    assert sum(item.amount_minor for item in first.line_items) == 4 * HOUR
+    assert first.line_items[-1].amount_minor == 3 * HOUR
+    assert second.amount == Money(amount_minor=2 * HOUR, currency="CNY")
+    assert world.central.get_account("bob").debt_minor == 6 * HOUR
+    assert world.balance("bob") == 100
+    assert flags(world) == ["re_paired_charge_kept"]
+
+
+async def test_an_offline_entry_ends_at_the_first_exit_after_it_not_a_later_lost_ticket(
+    central: Central, clock: FakeClock
+) -> None:
+    central.create_lot(
+        LotCreate(
+            lot_id="lot1", name="Main", capacity=50, tariff=TariffSpec(lost_ticket_minor=8000)
+        )
+    )
+    central.create_gate("lot1", GateCreate(gate_id="in1", direction=Direction.ENTRY))
+    central.create_gate("lot1", GateCreate(gate_id="out1", direction=Direction.EXIT))
+    central.create_account(AccountCreate(account_id="bob", name="Bob"))
+    central.topup("bob", 10_000, idempotency_key="bob-seed")
+    desk = Desk(central, clock)
+    t0 = clock.now()
+    entry = offline(desk.event("bob", Direction.ENTRY))  # still in the entry lane's outbox
+    clock.advance(H)
+    left = offline(desk.event("bob", Direction.EXIT))
+    waiting = desk.deliver(left)
+    assert isinstance(waiting, EventAck)
+    assert waiting.result == Reason.NO_OPEN_SESSION
+    clock.advance(H)
+    lost = desk.exit("bob")  # a later visit whose entry is not known either: lost ticket
+    assert lost.amount == Money(amount_minor=8000, currency="CNY")
+
+    ack = desk.deliver(entry)
+
+    found = sorted(central.list_sessions(account_id="bob"), key=lambda s: s.entered_at)
+    assert [(s.entered_at, s.exited_at, s.lost_ticket) for s in found] == [
+        (t0, t0 + H, False),
+        (t0 + 2 * H, t0 + 2 * H, True),
+    ]
+    assert isinstance(ack, EventAck)
+    assert ack.session_id == found[0].session_id
+    with Session(central.engine) as db:
+        assert db.exec(select(PendingScan).where(PendingScan.session_id == None)).all() == []  # noqa: E711
+    assert found[0].amount is not None
+    assert central.balance("bob") == 10_000 - 8000 - found[0].amount.amount_minor
