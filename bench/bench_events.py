@@ -57,6 +57,13 @@ class _NoTransport:
 
 
 def run(
+    quick: bool = True, *, database_url: str | None = None, label: str = "SQLite"
+) -> list[Figure]:
+    """For ``bench/run_all.py``: 200 lanes, 4 rounds (quick) or 10."""
+    return measure(200, 4 if quick else 10, database_url, label)
+
+
+def measure(
     lanes: int, rounds: int, database_url: str | None, label: str, *, fast: bool = True
 ) -> list[Figure]:
     work = Path(tempfile.mkdtemp(prefix="qrpark-hot-"))
@@ -154,7 +161,7 @@ def main() -> int:
     parser.add_argument("--orm", action="store_true", help="the ORM flow only (no fast path)")
     args = parser.parse_args()
     label = "PostgreSQL" if args.database_url else "SQLite"
-    figures = run(args.lanes, args.rounds, args.database_url, label, fast=not args.orm)
+    figures = measure(args.lanes, args.rounds, args.database_url, label, fast=not args.orm)
     print_table(figures, "event hot path")
     return 0
 

@@ -26,12 +26,15 @@ from qrpark.services import port_open
 
 BENCHES = [
     "bench_decode",
+    "bench_events",
     "bench_latency",
     "bench_money",
     "bench_gateway",
     "bench_api",
     "bench_sim",
 ]
+
+WITH_POSTGRES = frozenset({"bench_events", "bench_latency"})  # run again on PostgreSQL
 
 
 def postgres_database() -> tuple[str, Callable[[], None]] | None:
@@ -81,7 +84,7 @@ def main() -> int:
         started = time.perf_counter()
         try:
             figures += run(quick)
-            if name == "bench_latency" and (pg := postgres_database()) is not None:
+            if name in WITH_POSTGRES and (pg := postgres_database()) is not None:
                 url, drop = pg
                 try:
                     figures += run(quick, database_url=url, label="PostgreSQL")
