@@ -26,7 +26,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gateway_firmware.config import CameraSettings, ConfigError, GatewaySettings
 from gateway_firmware.core.debounce import Debouncer
@@ -87,6 +87,7 @@ __all__ = [
     "GatewayStats",
     "Hardware",
     "LoggingDisplay",
+    "TickSource",
     "Tuning",
     "build_gateway",
     "camera_opener",
@@ -100,6 +101,7 @@ log = logging.getLogger(__name__)
 
 # How many recent command ids a gateway remembers the answers to (in memory and on disk).
 COMMAND_MEMORY = 512
+_TICK = Tick()
 
 
 @dataclass
@@ -140,6 +142,19 @@ class Tuning:
     """While connected, events still unanswered after one to two of these are sent again
     (a PUBACK is not durability: a broker restarted empty, or one with no service
     subscribed yet, accepted and dropped them)."""
+
+
+class TickSource(Protocol):
+    """What calls a gateway's :meth:`~Gateway.tick` every ``tick_s``, when not its own loop.
+
+    A gateway on a Pi ticks from a loop of its own. A process running many gateways (the
+    fleet simulator, :class:`sim_devices.schedule.Ticker`) calls all their ticks from one
+    timer instead of a thousand sleeping loops; the tick itself is the same code.
+    """
+
+    def every(self, period: float, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` every ``period`` seconds; the returned function stops it."""
+        ...
 
 
 @dataclass
@@ -220,6 +235,7 @@ class Gateway:
         lane: Lane,
         debouncer: Debouncer,
         tuning: Tuning,
+        ticks: TickSource | None = None,
     ) -> None:
         self.settings = settings
         self.hardware = hardware
@@ -229,6 +245,7 @@ class Gateway:
         self.verifier = lane.verifier
         self.debouncer = debouncer
         self.tuning = tuning
+        self._ticks = ticks
         self._stats = GatewayStats()
         self.uplink = Uplink(
             transport,
@@ -264,12 +281,17 @@ class Gateway:
         loops = [
             self._scan_loop(),
             self._inbound_loop(),
-            self._tick_loop(),
             self._replay_loop(),
             self._resend_loop(),
             self._heartbeat_loop(),
         ]
+        stop_ticks: Callable[[], None] | None = None
+        if self._ticks is None:
+            loops.insert(2, self._tick_loop())
         tasks = [asyncio.create_task(loop) for loop in loops]
+        if self._ticks is not None:
+            self.tick()  # at once, as the first round of a loop of its own
+            stop_ticks = self._ticks.every(self.tuning.tick_s, self.tick)
         self.started.set()
         log.info(
             "gateway %s/%s (%s) started, boot %d",
@@ -281,6 +303,8 @@ class Gateway:
         try:
             await self._stopping.wait()
         finally:
+            if stop_ticks is not None:
+                stop_ticks()
             for task in [*tasks, *self._tasks]:
                 task.cancel()
             await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
@@ -296,8 +320,8 @@ class Gateway:
         try:
             found_open = bool(self.hardware.gate.is_open)
         except Exception as exc:
-            self.stats.hardware_errors += 1
-            self.stats.last_error = f"gate: {exc}"
+            self._stats.hardware_errors += 1
+            self._stats.last_error = f"gate: {exc}"
             return
         if not found_open:
             return
@@ -322,7 +346,7 @@ class Gateway:
 
     # -- status ----------------------------------------------------------------------------------
     def status(self, state: GatewayState = GatewayState.ONLINE) -> GatewayStatus:
-        last_error = self.stats.last_error
+        last_error = self._stats.last_error
         return GatewayStatus(
             status_id=new_id(),
             lot_id=self.settings.lot_id,
@@ -333,9 +357,9 @@ class Gateway:
             boot=self.boot,
             sent_at=self.clock.now(),
             queue_depth=self.outbox.depth,
-            camera_fps=None if self.stats.fps is None else round(self.stats.fps, 2),
+            camera_fps=None if self._stats.fps is None else round(self._stats.fps, 2),
             last_decode_ms=(
-                None if self.stats.last_decode_ms is None else round(self.stats.last_decode_ms, 2)
+                None if self._stats.last_decode_ms is None else round(self._stats.last_decode_ms, 2)
             ),
             last_error=None if last_error is None else last_error[:200],
         )
@@ -358,16 +382,16 @@ class Gateway:
             None,
         )
         if reply is not None and reply.repeat:
-            self.stats.commands_repeated += 1
+            self._stats.commands_repeated += 1
             log.info("command %s again: answered %s again", command.command_id, reply.outcome.value)
         elif reply is not None and reply.outcome in (
             CommandOutcome.REJECTED,
             CommandOutcome.EXPIRED,
         ):
-            self.stats.commands_refused += 1
+            self._stats.commands_refused += 1
             log.info("refused command %s: %s", command.command_id, reply.detail)
         else:
-            self.stats.commands_executed += 1
+            self._stats.commands_executed += 1
             log.info(
                 "command %s: %s (%s)",
                 command.command_id,
@@ -395,7 +419,7 @@ class Gateway:
                     event = self.outbox.add(functools.partial(self._event, action))
                     self._spawn(self._publish_new(event))
                 case RecordOffline(event_id, decision):
-                    self.stats.offline_decisions += 1
+                    self._stats.offline_decisions += 1
                     self.outbox.set_offline(event_id, decision)
                     log.info(
                         "offline decision for %s: %s (%s)",
@@ -435,7 +459,7 @@ class Gateway:
                 reply.command_id, reply.outcome, reply.detail, keep=self.lane.command_memory
             )
         except Exception as exc:  # the disk: the lane still remembers it until a restart
-            self.stats.last_error = f"outbox: {exc}"
+            self._stats.last_error = f"outbox: {exc}"
             log.exception("saving the answer to command %s failed", reply.command_id)
 
     def _save_spent(self, action: SpendCode) -> None:
@@ -446,7 +470,7 @@ class Gateway:
                 keep=self.settings.nonce_cache_size,
             )
         except Exception as exc:  # the disk: the verifier still remembers it until a restart
-            self.stats.last_error = f"outbox: {exc}"
+            self._stats.last_error = f"outbox: {exc}"
             log.exception("saving a used code failed")
 
     def _event(self, action: PublishEvent, seq: int, boot: int) -> ScanEvent:
@@ -465,8 +489,8 @@ class Gateway:
         try:
             call()
         except Exception as exc:
-            self.stats.hardware_errors += 1
-            self.stats.last_error = f"{what}: {exc}"
+            self._stats.hardware_errors += 1
+            self._stats.last_error = f"{what}: {exc}"
             log.exception("%s failed", what)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -476,7 +500,7 @@ class Gateway:
 
     async def _publish_new(self, event: ScanEvent) -> None:
         if await self.uplink.publish_event(event):
-            self.stats.events_published += 1
+            self._stats.events_published += 1
             self.outbox.mark_published(event.event_id)
             log.info(
                 "event %s published (seq %d)",
@@ -487,7 +511,7 @@ class Gateway:
             return
         # No answer can come while the link is down: decide now instead of making the
         # driver wait for the timeout. The event stays in the outbox for the replay.
-        self.stats.publish_failures += 1
+        self._stats.publish_failures += 1
         self.feed(DecisionTimeout(event.event_id))
 
     async def _reply(self, action: SendReply) -> None:
@@ -519,8 +543,8 @@ class Gateway:
             try:
                 frame = await read()
             except CameraError as exc:
-                self.stats.camera_errors += 1
-                self.stats.last_error = f"camera: {exc}"
+                self._stats.camera_errors += 1
+                self._stats.last_error = f"camera: {exc}"
                 log.warning("camera error (retry in %.1fs): %s", backoff, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(self.tuning.camera_backoff_max_s, backoff * 2)
@@ -532,14 +556,14 @@ class Gateway:
             self._count_frame()
             if skip_unchanged and frame is last_frame and not last_found:
                 # The camera handed back the very frame that held no code: nothing new.
-                self.stats.frames_unchanged += 1
-                await asyncio.sleep(0)
+                # (The read itself waited for that frame: no extra yield to the loop.)
+                self._stats.frames_unchanged += 1
                 continue
             texts = await self._decode(decoder, frame)
             last_frame, last_found = frame, bool(texts)
             for text in texts:
                 if self.debouncer.accept(text, self.clock.now()):
-                    self.stats.scans += 1
+                    self._stats.scans += 1
                     self.feed(CodeDecoded(text))
 
     async def _decode(self, decoder: Decoder, frame: Frame) -> list[str]:
@@ -547,21 +571,21 @@ class Gateway:
         try:
             texts = await asyncio.to_thread(decoder.decode, frame)
         except Exception as exc:
-            self.stats.decode_errors += 1
-            self.stats.last_error = f"decoder: {exc}"
+            self._stats.decode_errors += 1
+            self._stats.last_error = f"decoder: {exc}"
             log.exception("decoder %s failed", getattr(decoder, "name", "?"))
             return []
-        self.stats.last_decode_ms = (time.perf_counter() - started) * 1000
-        self.stats.decodes += len(texts)
+        self._stats.last_decode_ms = (time.perf_counter() - started) * 1000
+        self._stats.decodes += len(texts)
         return texts
 
     def _count_frame(self) -> None:
-        self.stats.frames += 1
+        self._stats.frames += 1
         now = time.monotonic()
         if self._last_frame_at is not None and now > self._last_frame_at:
             instant = 1.0 / (now - self._last_frame_at)
-            fps = self.stats.fps
-            self.stats.fps = instant if fps is None else 0.9 * fps + 0.1 * instant
+            fps = self._stats.fps
+            self._stats.fps = instant if fps is None else 0.9 * fps + 0.1 * instant
         self._last_frame_at = now
 
     async def _inbound_loop(self) -> None:
@@ -569,7 +593,7 @@ class Gateway:
             try:
                 self.on_message(message)
             except Exception:
-                self.stats.handler_errors += 1
+                self._stats.handler_errors += 1
                 log.exception("handling %s failed", type(message).__name__)
         # messages() only ends if the transport does; stop() cancels this task.
 
@@ -577,19 +601,17 @@ class Gateway:
         """Handle one decoded message addressed to this gateway."""
         match message:
             case GateCommand():
-                self.stats.commands_received += 1
+                self._stats.commands_received += 1
                 pending = self.outbox.get(message.event_id) if message.event_id else None
                 unanswered = pending is not None and pending.offline is None
                 decided = self._answered(message) if message.event_id is not None else None
-                self.feed(
-                    CommandReceived(message, decided_offline=decided, unanswered=unanswered)
-                )
+                self.feed(CommandReceived(message, decided_offline=decided, unanswered=unanswered))
             case EventAck():
-                self.stats.acks += 1
+                self._stats.acks += 1
                 self._disputed.discard(message.event_id)
                 self.outbox.remove(message.event_id)
             case DenyList():
-                self.stats.denylist_updates += 1
+                self._stats.denylist_updates += 1
                 self.verifier.update_denylist(message.accounts)
                 # Kept on disk: a gateway that restarts while offline still honours it.
                 self.outbox.save_denylist(message.list_id, message.accounts)
@@ -609,7 +631,7 @@ class Gateway:
         if pending is not None and offline is not None and offline.action is not command.action:
             if event_id not in self._disputed:
                 self._disputed.add(event_id)
-                self.stats.late_disagreements += 1
+                self._stats.late_disagreements += 1
                 log.warning(
                     "late answer %s for %s disagrees with the offline decision %s; resending it",
                     command.action.value,
@@ -635,20 +657,28 @@ class Gateway:
             self.outbox.mark_published(event.event_id)
         # else: still in the outbox; the replay after the next reconnect sends it
 
-    async def _tick_loop(self) -> None:
+    def tick(self) -> None:
+        """Read the detector (feeding a change to the lane) and let the lane check its
+        deadlines. Every ``tick_s``: from :meth:`run`'s own loop, or from the
+        :class:`TickSource` the gateway was built with."""
         presence = self.hardware.presence
+        if presence is not None:
+            try:
+                present = bool(presence.vehicle_present)
+            except Exception as exc:
+                self._stats.hardware_errors += 1
+                self._stats.last_error = f"presence: {exc}"
+                present = True  # unknown: assume a vehicle, so the barrier stays put
+            if present != self._present:
+                self._present = present
+                self.feed(PresenceChanged(present))
+        deadline = self.lane.next_deadline
+        if deadline is not None and self.clock.now() >= deadline:
+            self.feed(_TICK)  # earlier, a Tick does nothing (Lane.next_deadline)
+
+    async def _tick_loop(self) -> None:
         while True:
-            if presence is not None:
-                try:
-                    present = bool(presence.vehicle_present)
-                except Exception as exc:
-                    self.stats.hardware_errors += 1
-                    self.stats.last_error = f"presence: {exc}"
-                    present = True  # unknown: assume a vehicle, so the barrier stays put
-                if present != self._present:
-                    self._present = present
-                    self.feed(PresenceChanged(present))
-            self.feed(Tick())
+            self.tick()
             await asyncio.sleep(self.tuning.tick_s)
 
     async def _replay_loop(self) -> None:
@@ -679,7 +709,7 @@ class Gateway:
                 break
             self.outbox.mark_published(event.event_id)
             sent += 1
-        self.stats.events_replayed += sent
+        self._stats.events_replayed += sent
         if sent:
             log.info("replayed %d events", sent)
         return sent
@@ -700,8 +730,11 @@ def build_gateway(
     outbox: Outbox | None = None,
     tuning: Tuning | None = None,
     id_factory: Callable[[], str] = new_id,
+    ticks: TickSource | None = None,
 ) -> Gateway:
-    """Wire a lane controller. Pass ``outbox`` when the transport's will needs its boot.
+    """Wire a lane controller. Pass ``outbox`` when the transport's will needs its boot;
+    ``ticks`` when something else (a fleet's shared :class:`TickSource`) is to call the
+    gateway's tick instead of a loop of its own.
 
     Raises :class:`ConfigError` when settings and hardware do not fit together.
     """
@@ -750,6 +783,7 @@ def build_gateway(
         lane=lane,
         debouncer=Debouncer(_seconds(timeouts.debounce_s)),
         tuning=tuning or Tuning(),
+        ticks=ticks,
     )
 
 

@@ -19,14 +19,24 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 
 from gateway_firmware.hardware.interfaces import CameraError, Frame
-from sim_devices.render import CLEAN, FrameVariant, random_variant, render_frame
+from sim_devices.render import (
+    CLEAN,
+    FrameVariant,
+    random_variant,
+    render_background,
+    render_frame,
+)
 
-__all__ = ["SceneView", "SimCamera"]
+if TYPE_CHECKING:
+    from sim_devices.schedule import SharedTimer
+
+__all__ = ["BACKGROUNDS", "EMPTY_FRAMES", "SceneView", "SimCamera"]
 
 
 @runtime_checkable
@@ -52,6 +62,17 @@ class SimCamera:
       unchanged (text, variant); costs ~3 ms a frame.
     * ``frame_interval``: seconds between frames; :meth:`read` sleeps until the next frame
       is due, like a camera at that frame rate. ``0`` never sleeps (tests).
+    * ``timer``: a :class:`~sim_devices.schedule.SharedTimer` that :meth:`read_async`
+      waits for its frames on, shared by a fleet's cameras (one loop timer for all the
+      frames due within its few milliseconds) instead of an ``asyncio.sleep`` each.
+
+    With no code in view (and no ``per_frame``) the camera does not render: it shows one
+    of a few code-less frames (:data:`EMPTY_FRAMES` of them per variant, rendered once
+    per process and shared by every camera), drawn from ``rng`` each time the code goes
+    away. They are real rendered scenes, so the decoder runs on them as on any frame and
+    finds nothing. A code in view is always rendered for this camera, the phone in front
+    of a scene drawn from ``rng`` too, out of :data:`BACKGROUNDS` shared ones (a fixed
+    camera looks at much the same scene every time).
 
     :meth:`read_async` (the :class:`~gateway_firmware.hardware.interfaces.AsyncCamera`
     the gateway prefers) waits for the next frame with ``asyncio.sleep`` and, while the
@@ -72,6 +93,7 @@ class SimCamera:
         rng: np.random.Generator | None = None,
         per_frame: bool = False,
         frame_interval: float = 1 / 15,
+        timer: SharedTimer | None = None,
     ) -> None:
         if frame_interval < 0:
             raise ValueError("frame_interval must not be negative")
@@ -83,9 +105,11 @@ class SimCamera:
         self._rng = rng if rng is not None else np.random.default_rng()
         self._per_frame = per_frame
         self.frame_interval = frame_interval
+        self._timer = timer
         self._lock = threading.Lock()
         self._next_due = time.monotonic()
         self._cached: tuple[str | None, FrameVariant, Frame] | None = None
+        self._pending_empty: int | None = None  # the code-less frame drawn, not yet rendered
         self._fail_count = 0
         self._failed = False
         self._closed = False
@@ -118,20 +142,22 @@ class SimCamera:
 
     async def read_async(self) -> Frame | None:
         if self.frame_interval > 0:
-            now = time.monotonic()
-            with self._lock:
-                due = max(self._next_due, now)
-                self._next_due = due + self.frame_interval
-            await asyncio.sleep(due - now)
+            wait = self._claim_frame()
+            if self._timer is not None:
+                await self._timer.sleep(wait)
+            else:
+                await asyncio.sleep(wait)
         else:
             await asyncio.sleep(0)
         text = self._view()
         with self._lock:
             self._check_failures()
-            cached = self._cached_frame(text)
-            if cached is not None:
+            frame = self._cached_frame(text)
+            if frame is None and text is None and not self._per_frame:
+                frame = self._empty_frame(render=False)
+            if frame is not None:
                 self.frames_read += 1
-                return cached
+                return frame
         # A new scene: render it (a few ms) off the event loop.
         return await asyncio.to_thread(self._read_rendered, text)
 
@@ -151,13 +177,28 @@ class SimCamera:
     def _wait_for_frame(self) -> None:
         if self.frame_interval <= 0:
             return
+        wait = self._claim_frame()
+        if wait > 0:
+            time.sleep(wait)
+
+    def _claim_frame(self) -> float:
+        """Seconds until the next frame, which this read takes (0: one is ready).
+
+        Frames come on the camera's own cadence, every ``frame_interval`` from its start,
+        whoever reads them: a reader a little late gets the frame at once and the next
+        one on time (as from a real camera's one-frame buffer); one that fell behind by
+        whole frames gets the latest now, not a burst of old ones, and the rest are lost.
+        """
+        interval = self.frame_interval
+        now = time.monotonic()
         with self._lock:
-            now = time.monotonic()
-            due = max(self._next_due, now)
-            # A reader that fell behind gets the next frame now, not a burst of old ones.
-            self._next_due = due + self.frame_interval
-        if due > now:
-            time.sleep(due - now)
+            due = self._next_due
+            if now < due:
+                self._next_due = due + interval
+                return due - now
+            missed = int((now - due) / interval)  # captured while nobody read: dropped
+            self._next_due = due + (missed + 1) * interval
+            return 0.0
 
     def _check_failures(self) -> None:
         if self._closed:
@@ -180,17 +221,80 @@ class SimCamera:
         hit = self._cached_frame(text)
         if hit is not None:
             return hit
+        if text is None and not self._per_frame:
+            empty = self._empty_frame(render=True)
+            assert empty is not None
+            return empty
         if self._fixed_variant is not None:
             variant = self._fixed_variant
         elif self._random_variants:
             variant = random_variant(self._rng)
         else:
             variant = CLEAN
-        frame = render_frame(text, variant, self._rng)
+        background = _shared_background(int(self._rng.integers(BACKGROUNDS)))
+        frame = render_frame(text, variant, self._rng, background=background)
         frame.flags.writeable = False  # shared by every read until the scene changes
         self.renders += 1
         self._cached = (text, variant, frame)
         return frame
 
+    def _empty_frame(self, *, render: bool) -> Frame | None:
+        """The scene has no code: one of the shared code-less frames (None when it still
+        needs rendering and ``render`` is False: the caller renders it off the loop)."""
+        if self._pending_empty is None:
+            self._pending_empty = int(self._rng.integers(EMPTY_FRAMES))
+        kind = self._fixed_variant if self._fixed_variant is not None else self._random_variants
+        frame = _shared_empty_frame(kind, self._pending_empty, render=render)
+        if frame is not None:
+            variant = self._fixed_variant if self._fixed_variant is not None else CLEAN
+            self._cached = (None, variant, frame)
+            self._pending_empty = None
+        return frame
+
     def __repr__(self) -> str:
         return f"SimCamera(variant={self._fixed_variant}, frame_interval={self.frame_interval})"
+
+
+EMPTY_FRAMES = 8
+"""How many code-less frames there are per variant (and for random variants), process-wide."""
+
+BACKGROUNDS = 16
+"""How many scenes the codes are rendered in front of, process-wide."""
+
+_backgrounds: dict[int, npt.NDArray[np.float32]] = {}
+
+_empty_lock = threading.Lock()
+_empty: dict[tuple[FrameVariant | bool, int], Frame] = {}
+
+
+def _shared_background(index: int) -> npt.NDArray[np.float32]:
+    """Scene ``index`` (rendered the first time it is asked for), read-only."""
+    background = _backgrounds.get(index)
+    if background is None:
+        with _empty_lock:
+            background = _backgrounds.get(index)
+            if background is None:
+                background = render_background(np.random.default_rng(10_000 + index))
+                _backgrounds[index] = background
+    return background
+
+
+def _shared_empty_frame(kind: FrameVariant | bool, index: int, *, render: bool) -> Frame | None:
+    """Code-less frame ``index`` of ``kind`` (a fixed variant; True: a random variant each;
+    False: CLEAN), rendered the first time it is asked for (with ``render``), read-only."""
+    key = (kind, index)
+    frame = _empty.get(key)
+    if frame is not None or not render:
+        return frame
+    with _empty_lock:
+        frame = _empty.get(key)
+        if frame is None:
+            rng = np.random.default_rng(index)
+            if isinstance(kind, FrameVariant):
+                variant = kind
+            else:
+                variant = random_variant(rng) if kind else CLEAN
+            frame = render_frame(None, variant, rng)
+            frame.flags.writeable = False
+            _empty[key] = frame
+    return frame

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +46,25 @@ class SimError(RuntimeError):
 
 
 class RemoteBackend:
-    """A service and broker that someone else runs: REST calls only, no process faults."""
+    """A service and broker that someone else runs: REST calls only, no process faults.
+
+    The calls (the drivers' phones fetching codes, provisioning) wait for the service in
+    threads of their own, never in the event loop's default pool: there the gateways
+    decode and the cameras render, and a slow service must not hold their frames up.
+    """
+
+    REST_THREADS = 16
 
     def __init__(self, server_url: str, broker_url: str) -> None:
         from qrpark.demo import Api
 
         self.api = Api(server_url.rstrip("/"))
         self.broker_url = broker_url
+        self._rest = ThreadPoolExecutor(self.REST_THREADS, thread_name_prefix="sim-rest")
 
     async def call(self, method: str, path: str, body: object | None = None, **headers: str) -> Any:
-        return await asyncio.to_thread(self.api.call, method, path, body, **headers)
+        call = functools.partial(self.api.call, method, path, body, **headers)
+        return await asyncio.get_running_loop().run_in_executor(self._rest, call)
 
     def broker_address(self) -> tuple[str, int]:
         address = parse_broker_url(self.broker_url)
@@ -68,6 +79,9 @@ class RemoteBackend:
 
     def healthy(self) -> bool:
         return self.api.healthy()
+
+    def close(self) -> None:
+        self._rest.shutdown(wait=False, cancel_futures=True)
 
 
 class LocalBackend(RemoteBackend):
@@ -104,6 +118,7 @@ class LocalBackend(RemoteBackend):
         except subprocess.TimeoutExpired:
             self.server.kill()
         self.broker.stop()
+        super().close()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -131,6 +146,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fault", action="append", default=[], metavar="SPEC")
     parser.add_argument("--settle", type=float, default=20.0, help="seconds to wait for replays")
     parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument(
+        "--gateway-dir",
+        type=Path,
+        default=None,
+        help="where the gateways keep their outboxes (default DATA_DIR/gateways); a RAM "
+        "disk such as /dev/shm/... keeps hundreds of gateways' synchronous commits from "
+        "stalling the one event loop they share",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     parser.add_argument("--no-progress", action="store_true", help="no live table (logs, CI)")
     return parser
@@ -222,8 +245,13 @@ async def _run(args: argparse.Namespace, config: FleetConfig, backend: RemoteBac
     try:
         started_setup = time.monotonic()
         await fleet.start()
+        online = await fleet.wait_online(30.0)
         setup_s = time.monotonic() - started_setup
-        print(f"{len(fleet.lanes)} gateways up in {setup_s:.1f}s; traffic for {args.duration:g}s")
+        up = len(fleet.lanes) if online else fleet.gateway_totals().get("online", 0)
+        print(
+            f"{len(fleet.lanes)} gateways started, {up} online, in {setup_s:.1f}s; "
+            f"traffic for {args.duration:g}s"
+        )
         started = time.monotonic()
         if args.no_progress:
             await fleet.run(args.duration, stop)
@@ -280,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         faults=faults,
         prefix=args.prefix,
         gateway_password=os.environ.get("QRPARK_GATEWAY_PASSWORD"),
+        gateway_dir=args.gateway_dir,
     )
     backend: RemoteBackend | None = None
     try:
@@ -292,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        if isinstance(backend, LocalBackend):
+        if backend is not None:
             backend.close()
 
 

@@ -24,7 +24,7 @@ import logging
 import random
 import re
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +36,7 @@ from parking_protocol.clock import Clock
 from parking_protocol.types import Direction
 from sim_devices.lot import SimLane, SimLaneConfig, start_sim_lane
 from sim_devices.netfault import TcpProxy
+from sim_devices.schedule import SharedTimer, Ticker
 from sim_devices.traffic import Driver, LaneOutcome, Phone, pass_lane, reason_for_text
 
 __all__ = [
@@ -146,6 +147,14 @@ class FleetConfig:
     open_hold_s: float = 6.0
     tick_s: float = 0.05
     gateway_password: str | None = None
+    # Lots provisioned at a time (the service's database serialises the writes anyway), and
+    # gateways started at a time.
+    provision_concurrency: int = 4
+    start_concurrency: int = 32
+    # Where the gateways keep their outboxes (default: data_dir/gateways). Each commits
+    # synchronously (fsync) on the one event loop they all share here: a RAM disk keeps a
+    # thousand of them from stalling it, as a thousand Pis' own SD cards would not.
+    gateway_dir: Path | None = None
 
     def lot_ids(self) -> list[str]:
         return [f"{self.prefix}{i}" for i in range(1, self.lots + 1)]
@@ -198,36 +207,53 @@ class Fleet:
         self._lots: list[_LotRun] = []
         self._rng = random.Random(config.seed)  # noqa: S311 - traffic, not crypto
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Every gateway's tick and every camera's frames on a few shared timers, not a
+        # thousand sleeping loops each (sim_devices.schedule).
+        self.ticker = Ticker()
+        self.frame_timer = SharedTimer()
 
     # -- setup ----------------------------------------------------------------------------------
     async def provision(self) -> dict[str, str]:
-        """Create the lots, gates and driver accounts (idempotent); return the public keys."""
+        """Create the lots, gates and driver accounts (idempotent); return the public keys.
+
+        Lots are provisioned ``provision_concurrency`` at a time (each lot's calls in order)."""
+        limit = asyncio.Semaphore(max(1, self.config.provision_concurrency))
+
+        async def one(lot: str) -> None:
+            async with limit:
+                await self._provision_lot(lot)
+
+        await _gather_all(one(lot) for lot in self.config.lot_ids())
+        return await self._public_keys()
+
+    async def _public_keys(self) -> dict[str, str]:
+        keys = (await self.backend.call("GET", "/api/v1/keys"))["keys"]
+        return {key["kid"]: key["public_key"] for key in keys}
+
+    async def _provision_lot(self, lot: str) -> None:
         call = self.backend.call
-        for lot in self.config.lot_ids():
+        await call(
+            "POST",
+            "/api/v1/lots",
+            {"lot_id": lot, "name": f"Sim {lot}", "capacity": 10_000, "tariff": TARIFF},
+        )
+        for gate, direction in self.config.gate_plan():
             await call(
                 "POST",
-                "/api/v1/lots",
-                {"lot_id": lot, "name": f"Sim {lot}", "capacity": 10_000, "tariff": TARIFF},
+                f"/api/v1/lots/{lot}/gates",
+                {"gate_id": gate, "direction": direction.value, "name": gate},
             )
-            for gate, direction in self.config.gate_plan():
-                await call(
-                    "POST",
-                    f"/api/v1/lots/{lot}/gates",
-                    {"gate_id": gate, "direction": direction.value, "name": gate},
-                )
-            short = round(self.config.drivers * self.config.short_of_money)
-            for i in range(1, self.config.drivers + 1):
-                account = f"{lot}-d{i}"
-                await call("POST", "/api/v1/accounts", {"account_id": account, "name": account})
-                amount = 100 if i <= short else 50_000
-                await call(
-                    "POST",
-                    f"/api/v1/accounts/{account}/topups",
-                    {"amount_minor": amount},
-                    **{"Idempotency-Key": f"sim-initial-{account}"},
-                )
-        keys = (await call("GET", "/api/v1/keys"))["keys"]
-        return {key["kid"]: key["public_key"] for key in keys}
+        short = round(self.config.drivers * self.config.short_of_money)
+        for i in range(1, self.config.drivers + 1):
+            account = f"{lot}-d{i}"
+            await call("POST", "/api/v1/accounts", {"account_id": account, "name": account})
+            amount = 100 if i <= short else 50_000
+            await call(
+                "POST",
+                f"/api/v1/accounts/{account}/topups",
+                {"amount_minor": amount},
+                **{"Idempotency-Key": f"sim-initial-{account}"},
+            )
 
     def _targets(self, fault: Fault) -> list[tuple[str, str]]:
         gates = [g for g, _ in self.config.gate_plan()]
@@ -245,21 +271,28 @@ class Fleet:
                     raise FaultError(f"{fault}: no gate {target[0]}/{target[1]} in this fleet")
 
     async def start(self) -> None:
+        """Provision every lot and start its gateways as soon as it is provisioned
+        (``provision_concurrency`` lots, ``start_concurrency`` gateways at a time: the
+        service's REST calls and the gateways' local start overlap). Returns once every
+        gateway runs; they connect to the broker in the background (:meth:`wait_online`)."""
         self.check_faults()
-        keys = await self.provision()
+        keys = await self._public_keys()  # the service's signing keys exist before any lot
         cut = {t for f in self.config.faults if f.kind.startswith("cut") for t in self._targets(f)}
         tuning = Tuning(tick_s=self.config.tick_s, idle_sleep_s=0.05)
-        gateway_dir = self.config.data_dir / "gateways"
-        for index, lot in enumerate(self.config.lot_ids()):
-            run = _LotRun(lot, [], [], [])
-            for gate, direction in self.config.gate_plan():
+        gateway_dir = self.config.gateway_dir or self.config.data_dir / "gateways"
+        gates = self.config.gate_plan()
+        provisioning = asyncio.Semaphore(max(1, self.config.provision_concurrency))
+        starting = asyncio.Semaphore(max(1, self.config.start_concurrency))
+
+        async def gateway(index: int, lot: str, gate: str, direction: Direction) -> SimLane:
+            async with starting:
                 broker_url = self.backend.broker_url
                 if (lot, gate) in cut:
                     host, port = self.backend.broker_address()
                     proxy = await TcpProxy(host, port, name=f"link-{lot}-{gate}").start()
                     self.proxies[(lot, gate)] = proxy
                     broker_url = proxy.url
-                lane = await start_sim_lane(
+                return await start_sim_lane(
                     SimLaneConfig(
                         lot_id=lot,
                         gate_id=gate,
@@ -270,7 +303,7 @@ class Fleet:
                         mqtt_username=f"gw-{lot}-{gate}" if self.config.gateway_password else None,
                         mqtt_password=self.config.gateway_password,
                         fps=self.config.fps,
-                        seed=self.config.seed * 1000 + len(self.lanes),
+                        seed=self.config.seed * 1000 + index,
                         open_hold_s=self.config.open_hold_s,
                         decision_timeout_s=self.config.decision_timeout_s,
                         heartbeat_s=10,
@@ -278,15 +311,55 @@ class Fleet:
                     ),
                     self.clock,
                     tuning=tuning,
+                    ticks=self.ticker,
+                    frame_timer=self.frame_timer,
                 )
-                self.lanes[(lot, gate)] = lane
-                (run.entries if direction is Direction.ENTRY else run.exits).append(lane)
+
+        async def lot_and_gateways(number: int, lot: str) -> list[SimLane | BaseException]:
+            async with provisioning:
+                await self._provision_lot(lot)
+            first = number * len(gates)
+            return await asyncio.gather(
+                *(gateway(first + i, lot, g, d) for i, (g, d) in enumerate(gates)),
+                return_exceptions=True,
+            )
+
+        plan = [(lot, g, d) for lot in self.config.lot_ids() for g, d in gates]
+        per_lot = await asyncio.gather(
+            *(lot_and_gateways(n, lot) for n, lot in enumerate(self.config.lot_ids())),
+            return_exceptions=True,
+        )
+        results: list[SimLane | BaseException] = []
+        for outcome in per_lot:
+            results += [outcome] * len(gates) if isinstance(outcome, BaseException) else outcome
+        started = [lane for lane in results if isinstance(lane, SimLane)]
+        failed = [exc for exc in results if isinstance(exc, BaseException)]
+        if failed:
+            await asyncio.gather(*(lane.stop() for lane in started), return_exceptions=True)
+            for proxy in self.proxies.values():
+                await proxy.close()
+            self.proxies.clear()
+            raise failed[0]
+        runs = {lot: _LotRun(lot, [], [], []) for lot in self.config.lot_ids()}
+        for (lot, gate, direction), lane in zip(plan, started, strict=True):
+            self.lanes[(lot, gate)] = lane
+            run = runs[lot]
+            (run.entries if direction is Direction.ENTRY else run.exits).append(lane)
+        for lot, run in runs.items():
             for i in range(1, self.config.drivers + 1):
                 account = f"{lot}-d{i}"
                 run.drivers.append(Driver(account, Phone(account, self._code_source, self.clock)))
             self._lots.append(run)
-            if index % 10 == 9:
-                await asyncio.sleep(0)
+
+    async def wait_online(self, timeout_s: float = 60.0) -> bool:
+        """Wait until every gateway is connected to the broker (False after ``timeout_s``)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not all(lane.gateway.uplink.connected for lane in self.lanes.values()):
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
 
     async def _code_source(self, account: str) -> str:
         issued = await self.backend.call("POST", f"/api/v1/accounts/{account}/codes")
@@ -479,3 +552,11 @@ class Fleet:
             "latency_p99_ms": None if p99 is None else round(p99 * 1000, 1),
             "faults": list(self.stats.faults_done),
         }
+
+
+async def _gather_all(coros: Iterable[Awaitable[None]]) -> None:
+    """Run them all; raise the first failure once every one has finished."""
+    results = await asyncio.gather(*coros, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result

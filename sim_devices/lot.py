@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway_firmware.app import Gateway, Tuning, build_gateway, make_transport
+from gateway_firmware.app import Gateway, TickSource, Tuning, build_gateway, make_transport
 from gateway_firmware.config import GatewaySettings
 from gateway_firmware.uplink.outbox import Outbox
 from parking_protocol.clock import Clock
@@ -33,6 +33,7 @@ from sim_devices.camera import SimCamera
 from sim_devices.devices import SimDisplay, SimGate, sim_lane_devices
 from sim_devices.render import FrameVariant
 from sim_devices.scene import LaneScene
+from sim_devices.schedule import SharedTimer
 from sim_devices.traffic import Lane
 
 __all__ = ["SimLane", "SimLaneConfig", "start_sim_lane"]
@@ -104,7 +105,8 @@ class SimLane:
         self.gateway.stop()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
-        self.gateway.close()
+        # Closing the outbox syncs the disk: off the loop, where other lanes may still run.
+        await asyncio.to_thread(self.gateway.close)
 
 
 async def start_sim_lane(
@@ -113,16 +115,29 @@ async def start_sim_lane(
     *,
     transport: Transport | None = None,
     tuning: Tuning | None = None,
+    ticks: TickSource | None = None,
+    frame_timer: SharedTimer | None = None,
 ) -> SimLane:
-    """Build and start one simulated lane; returns once the gateway is running."""
+    """Build and start one simulated lane; returns once the gateway is running.
+
+    A fleet passes the same ``ticks`` (:class:`~sim_devices.schedule.Ticker`) and
+    ``frame_timer`` to all its lanes: their firmware ticks and camera frames then share a
+    few timers (see :mod:`sim_devices.schedule`)."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     settings = config.settings()
     scene = LaneScene(name=f"{config.lot_id}/{config.gate_id}")
     rng = np.random.default_rng(config.seed)
-    camera = SimCamera(scene, variant=config.variant, rng=rng, frame_interval=1 / config.fps)
+    camera = SimCamera(
+        scene, variant=config.variant, rng=rng, frame_interval=1 / config.fps, timer=frame_timer
+    )
     devices = sim_lane_devices(settings, clock=clock, scene=scene, camera=camera)
     hardware = devices.hardware
-    outbox = Outbox(settings.outbox_file)
+    try:
+        # Opening syncs the disk (a few ms): off the loop, where the running lanes are.
+        outbox = await asyncio.to_thread(Outbox, settings.outbox_file)
+    except BaseException:
+        hardware.close()
+        raise
     if transport is None:
         transport = make_transport(settings, boot=outbox.boot, clock=clock)
     try:
@@ -133,6 +148,7 @@ async def start_sim_lane(
             clock=clock,
             outbox=outbox,
             tuning=tuning,
+            ticks=ticks,
         )
     except Exception:
         outbox.close()
@@ -147,6 +163,10 @@ async def start_sim_lane(
         raise RuntimeError(f"gateway {config.gate_id} stopped while starting")
     if started not in done:
         started.cancel()
+        gateway.stop()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await task
+        gateway.close()
         raise TimeoutError(f"gateway {config.gate_id} did not start")
     assert isinstance(hardware.display, SimDisplay)
     return SimLane(config, scene, gateway, devices.gate, hardware.display, camera, task)

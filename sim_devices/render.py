@@ -10,7 +10,8 @@ textured background, placed, rotated and tilted in 3D, then degraded by the effe
 >>> frame.shape, frame.dtype
 ((480, 640), dtype('uint8'))
 
-Rendering takes a few milliseconds; the QR module matrix is cached per text.
+Rendering takes a few milliseconds; the QR module matrix (zxing-cpp's encoder, else the
+``qrcode`` package) is cached per text.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "TILTED",
     "FrameVariant",
     "random_variant",
+    "render_background",
     "render_frame",
     "render_qr",
 ]
@@ -134,16 +136,40 @@ _EC_LEVELS = {"L": 1, "M": 0, "Q": 3, "H": 2}  # qrcode.constants.ERROR_CORRECT_
 
 @lru_cache(maxsize=256)
 def _qr_matrix(text: str, error_correction: ErrorCorrection) -> npt.NDArray[np.bool_]:
-    import qrcode
-
     if error_correction not in _EC_LEVELS:
         raise ValueError(f"error_correction must be one of L, M, Q, H, not {error_correction!r}")
-    qr = qrcode.QRCode(error_correction=_EC_LEVELS[error_correction], border=QUIET_ZONE)
-    qr.add_data(text)
-    qr.make(fit=True)
-    matrix = np.array(qr.get_matrix(), dtype=np.bool_)
+    symbol = _zxing_symbol(text, error_correction)
+    if symbol is None:
+        symbol = _qrcode_symbol(text, error_correction)
+    matrix = np.pad(symbol, QUIET_ZONE, constant_values=False)
     matrix.setflags(write=False)
     return matrix
+
+
+def _zxing_symbol(text: str, error_correction: ErrorCorrection) -> npt.NDArray[np.bool_] | None:
+    """The symbol's modules (no quiet zone) from zxing-cpp's encoder (C++, ~1 ms for a
+    parking code); None where zxing-cpp is missing or too old to encode (before 2.3)."""
+    try:
+        import zxingcpp
+    except ImportError:
+        return None
+    create = getattr(zxingcpp, "create_barcode", None)
+    if create is None:
+        return None
+    barcode = create(text, zxingcpp.BarcodeFormat.QRCode, ec_level=error_correction)
+    image = np.asarray(barcode.to_image(scale=1, add_quiet_zones=False))
+    return np.asarray(image < 128)
+
+
+def _qrcode_symbol(text: str, error_correction: ErrorCorrection) -> npt.NDArray[np.bool_]:
+    """The same from the pure-Python ``qrcode`` package (~40 ms a parking code: it holds
+    the GIL for all of it, which a fleet of simulated cameras cannot afford)."""
+    import qrcode
+
+    qr = qrcode.QRCode(error_correction=_EC_LEVELS[error_correction], border=0)
+    qr.add_data(text)
+    qr.make(fit=True)
+    return np.array(qr.get_matrix(), dtype=np.bool_)
 
 
 def render_qr(text: str, *, error_correction: ErrorCorrection = "M") -> npt.NDArray[np.bool_]:
@@ -199,6 +225,14 @@ def _phone_canvas(
         tile = np.repeat(np.repeat(tile, module_px, axis=0), module_px, axis=1)
         canvas[code_y : code_y + code_px, code_x : code_x + code_px] = tile
     return canvas, (code_x + code_px / 2, code_y + code_px / 2)
+
+
+def render_background(rng: np.random.Generator) -> _FloatImage:
+    """The scene behind the phone (float32, 480x640): what :func:`render_frame` draws first,
+    or takes as its ``background`` (a fixed camera looks at the same scene every time)."""
+    background = _background(rng)
+    background.setflags(write=False)
+    return background
 
 
 def _background(rng: np.random.Generator) -> _FloatImage:
@@ -289,15 +323,23 @@ def render_frame(
     rng: np.random.Generator | None = None,
     *,
     error_correction: ErrorCorrection = "M",
+    background: _FloatImage | None = None,
 ) -> Frame:
     """A 640x480 grayscale uint8 frame showing ``text`` as a QR code on a phone.
 
     ``text=None`` renders the scene without a code: background only, or a phone whose
     screen shows no code. ``rng`` draws everything random (texture, placement when
     ``variant.center`` is None, noise, glare); pass a seeded one for reproducible frames.
+    ``background`` (from :func:`render_background`) is the scene behind the phone instead
+    of a new one (it is not changed; saves about a quarter of the rendering).
     """
     rng = rng if rng is not None else np.random.default_rng()
-    frame = _background(rng)
+    if background is None:
+        frame = _background(rng)
+    else:
+        if background.shape != (FRAME_HEIGHT, FRAME_WIDTH) or background.dtype != np.float32:
+            raise ValueError("background must be a float32 480x640 image (render_background)")
+        frame = background.copy()
     show_phone = text is not None or rng.random() < 0.5
     if show_phone:
         matrix = render_qr(text, error_correction=error_correction) if text is not None else None

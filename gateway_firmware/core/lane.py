@@ -314,6 +314,18 @@ class Lane:
     def awaiting_event_id(self) -> str | None:
         return self._awaiting.event_id if self._awaiting else None
 
+    @property
+    def next_deadline(self) -> datetime | None:
+        """When a :class:`Tick` next has something to do: the decision timeout while
+        awaiting one, the end of the hold while open (past, while a vehicle keeps the
+        barrier up); None while neither. A Tick before it returns no actions and changes
+        nothing, so a caller may skip those."""
+        if self._phase is LaneState.AWAITING_DECISION and self._awaiting is not None:
+            return self._awaiting.deadline
+        if self._phase is LaneState.OPEN:
+            return self._open_until
+        return None
+
     def command_record(self, command_id: str) -> CommandRecord | None:
         """The remembered answer to ``command_id`` (None: unknown, or forgotten by now)."""
         return self._commands.get(command_id)

@@ -61,6 +61,9 @@ class AsyncCamera(Protocol):
     camera has it: a thousand simulated lanes then cost a thousand sleeping coroutines, not
     a thread pool full of sleeping threads. Returning the *same* array object as the last
     read means "nothing changed": the loop skips decoding it again.
+
+    ``read_async`` waits (awaits) on every call, until the next frame is due, before it
+    returns, also when nothing changed: the scan loop yields to the event loop only there.
     """
 
     async def read_async(self) -> Frame | None: ...

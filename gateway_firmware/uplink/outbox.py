@@ -82,18 +82,33 @@ CommandAnswer = tuple[str, CommandOutcome, str]
 
 
 class Outbox:
-    """The gateway's durable queue of unanswered events (one per gateway; one thread)."""
+    """The gateway's durable queue of unanswered events (one per gateway; one thread).
+
+    It may be opened in another thread than the one that then uses it (opening syncs the
+    disk; a simulator opening a thousand does it off its event loop), never used from two.
+    """
 
     def __init__(self, path: str | Path) -> None:
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._conn = sqlite3.connect(str(path), isolation_level=None)
+        # check_same_thread=False only lets the opening thread hand the outbox over.
+        self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(_SCHEMA)
-        with self._transaction():
+        # The schema and this boot's number in one transaction: one sync to disk at start,
+        # not one per statement.
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._conn.execute(statement)
             self.boot: int = self._bump("boot")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            self._conn.close()
+            raise
+        self._conn.execute("COMMIT")
 
     # -- lifecycle -----------------------------------------------------------------------------
     def close(self) -> None:
