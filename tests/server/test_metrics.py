@@ -26,7 +26,11 @@ from server.metrics import Metrics
 async def running(tmp_path: Path) -> AsyncIterator[tuple[Central, Metrics, InMemoryTransport]]:
     broker = InMemoryBroker()
     central = build_central(
-        ServerSettings(database_url=f"sqlite:///{tmp_path}/m.db", key_file=tmp_path / "k.pem"),
+        ServerSettings(
+            database_url=f"sqlite:///{tmp_path}/m.db",
+            key_file=tmp_path / "k.pem",
+            event_fast_path=True,
+        ),
         clock=FakeClock(),
         transport=broker.client("central"),
     )
