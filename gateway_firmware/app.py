@@ -621,8 +621,9 @@ class Gateway:
         """A command answers an event: it leaves the outbox, unless the lane already acted
         otherwise on its own (the answer came after the decision timeout). Then the service
         must learn what the barrier really did: the event is sent again with its offline
-        decision, once; an EventAck (or the same answer again) settles it. Returns what the
-        lane did on its own for that event, if it did."""
+        decision (at once the first time, then by the resend loop); only an EventAck or an
+        answer that agrees settles it. Returns what the lane did on its own for that event,
+        if it did."""
         event_id = command.event_id
         assert event_id is not None
         pending = self.outbox.get(event_id)
@@ -640,14 +641,20 @@ class Gateway:
                     extra={"event_id": event_id, "action": offline.action.value},
                 )
                 self._spawn(self._resend(pending))
-                return decided
-            log.error(
-                "the service kept its answer %s for %s although the gate did %s offline",
-                command.action.value,
-                event_id,
-                offline.action.value,
-                extra={"event_id": event_id},
-            )
+            else:
+                # The service answers an event sent with its offline decision with an
+                # EventAck: a disagreeing command again is its answer to an earlier copy
+                # sent live (a redelivery). The event stays in the outbox until the service
+                # has the barrier's decision; dropping it here would lose that exit or entry.
+                log.info(
+                    "answer %s for %s again, before the offline decision %s reached the"
+                    " service; still in the outbox",
+                    command.action.value,
+                    event_id,
+                    offline.action.value,
+                    extra={"event_id": event_id},
+                )
+            return decided
         self._disputed.discard(event_id)
         self.outbox.remove(event_id)
         return decided

@@ -416,6 +416,39 @@ async def test_late_answer_that_disagrees_with_the_offline_decision_is_reported_
     assert h.gate.events() == ["open"]  # the late deny did not touch the barrier
 
 
+async def test_a_late_answer_again_does_not_drop_the_offline_decision_unheard(
+    harness: Harness, issue: Callable[..., str]
+) -> None:
+    """The live event reached the service twice (a redelivery) and both answers, the same
+    deny, arrive after the lane opened on its own. The second must not settle the event:
+    until the service acknowledges the offline open, that exit (or entry) is unknown to it,
+    and dropping it would leave a stay open for a car that is gone."""
+    h = harness
+    h.server.silent = True
+    h.camera.push_code(issue())
+    await eventually(lambda: len(h.server.events) == 1)
+    h.clock.advance(timedelta(seconds=h.settings.timeouts.decision_timeout_s))
+    await eventually(lambda: h.gate.is_open, what="offline open")
+    event = h.server.events[0]
+    late = h.server.command(
+        event_id=event.event_id,
+        action=GateAction.DENY,
+        reason=Reason.NO_OPEN_SESSION,
+        display=DENY_TEXT[Reason.NO_OPEN_SESSION],
+    )
+    await h.server.send(encode(late))
+    await eventually(lambda: len(h.server.events) == 2, what="offline decision resent")
+    await h.server.send(encode(late))  # the answer to the redelivered live copy
+    await eventually(lambda: h.gateway.stats.commands_received == 2)
+    assert h.gateway.outbox.depth == 1  # still owed to the service
+    assert h.gateway.stats.late_disagreements == 1
+    h.server.silent = False
+    assert await h.gateway.replay() == 1  # what the resend loop does
+    await eventually(lambda: h.gateway.outbox.depth == 0, what="ack settles it")
+    assert [e.offline is not None for e in h.server.events] == [False, True, True]
+    assert h.gate.events() == ["open"]
+
+
 async def test_late_answer_that_agrees_with_the_offline_decision_settles_the_event(
     harness: Harness, issue: Callable[..., str]
 ) -> None:

@@ -342,3 +342,184 @@ def test_the_fast_path_decides_exactly_as_the_orm_flow(twins: tuple[Twin, Twin],
     assert len(opened) > 30  # the traffic really parks and pays
     reasons = {a[2] for batch in replies["fast"] for a in batch if len(a) == 6}
     assert {Reason.WELCOME, Reason.PAID, Reason.CODE_REPLAYED} <= reasons, reasons
+
+
+COMMUTERS = ["d0", "d1", "d2", "d3", "d8"]
+CITY_GATES = {"in1": Direction.ENTRY, "in2": Direction.ENTRY, "out1": Direction.EXIT}
+
+
+@dataclass
+class _Held:
+    """A scan a gate could not deliver yet."""
+
+    event: ScanEvent
+    resend_offline: bool  # sent live, but the lane opened on its own: sent again with that
+
+
+class Commute:
+    """Drivers going in and out of the city lot while its gates lose their links.
+
+    A gate with its link up delivers each scan at once and the service's answer moves the
+    car; a gate with its link down opens on its own and keeps the scan (with that decision)
+    until the link is back; a gate whose link hangs delivers the live scan late, after its
+    lane gave up waiting and opened on its own, then sends it again with that decision.
+    Whatever the order, both services must agree, and at the end every car outside has no
+    open stay and every exit belongs to exactly one stay.
+    """
+
+    def __init__(self, seed: int, central: Central) -> None:
+        self.rng = random.Random(seed)
+        self.key = central.keys.active
+        self.seq: dict[str, int] = {}
+        self.inside: dict[str, bool] = dict.fromkeys(COMMUTERS, False)
+        self.busy: set[str] = set()  # a car at a gate whose scan is held
+        self.down: dict[str, str] = {}  # gate -> "cut" | "hang"
+        self.held: dict[str, list[_Held]] = {gate: [] for gate in CITY_GATES}
+        self.exits: list[str] = []  # event ids of every exit a barrier opened for
+        self.n = 0
+        self.kept = {"cut": 0, "hang": 0}  # scans held by a gate, by what its link did
+
+    def _event(self, gate: str, driver: str, at: datetime, *, offline: bool) -> ScanEvent:
+        direction = CITY_GATES[gate]
+        seq = self.seq[gate] = self.seq.get(gate, 0) + 1
+        self.n += 1
+        decision = None
+        if offline:
+            reason = Reason.WELCOME if direction is Direction.ENTRY else Reason.PAID
+            decision = OfflineDecision(action=GateAction.OPEN, reason=reason, decided_at=at)
+        return ScanEvent(
+            event_id=new_id(),
+            lot_id="city",
+            gate_id=gate,
+            seq=seq,
+            boot=1,
+            direction=direction,
+            code=issue_code(self.key.private_key, kid=self.key.kid, account_id=driver, now=at),
+            scanned_at=at - timedelta(microseconds=self.n),
+            offline=decision,
+        )
+
+    def links(self) -> list[ScanEvent]:
+        """Links go down and come back; what a healed gate held is delivered now."""
+        out: list[ScanEvent] = []
+        for gate in CITY_GATES:
+            if gate in self.down and self.rng.random() < 0.3:
+                del self.down[gate]
+                for held in self.held[gate]:
+                    out.append(held.event)
+                    if held.resend_offline:
+                        out.append(self._offline_copy(held.event))
+                self.held[gate] = []
+            elif gate not in self.down and self.rng.random() < 0.15:
+                self.down[gate] = self.rng.choice(["cut", "hang"])
+        self.busy.clear()
+        return out
+
+    @staticmethod
+    def _offline_copy(event: ScanEvent) -> ScanEvent:
+        reason = Reason.WELCOME if event.direction is Direction.ENTRY else Reason.PAID
+        decision = OfflineDecision(
+            action=GateAction.OPEN, reason=reason, decided_at=event.scanned_at
+        )
+        return event.model_copy(update={"offline": decision})
+
+    def scans(self, now: datetime) -> list[tuple[str, ScanEvent]]:
+        """This round's scans: (driver, event) of cars whose gate is up, delivered live;
+        the others are held by their gate and the car goes through."""
+        live: list[tuple[str, ScanEvent]] = []
+        for driver in COMMUTERS:
+            if self.rng.random() < 0.5:
+                continue
+            gate = "out1" if self.inside[driver] else self.rng.choice(["in1", "in2"])
+            at = now + timedelta(seconds=self.rng.randint(0, 50))
+            link = self.down.get(gate)
+            if link is None:
+                live.append((driver, self._event(gate, driver, at, offline=False)))
+                continue
+            event = self._event(gate, driver, at, offline=link == "cut")
+            self.held[gate].append(_Held(event, resend_offline=link == "hang"))
+            self.kept[link] += 1
+            self.passed(driver, event)
+        return live
+
+    def passed(self, driver: str, event: ScanEvent) -> None:
+        self.inside[driver] = event.direction is Direction.ENTRY
+        if event.direction is Direction.EXIT:
+            self.exits.append(event.event_id)
+
+    def heal(self) -> list[ScanEvent]:
+        out: list[ScanEvent] = []
+        for gate in CITY_GATES:
+            for held in self.held[gate]:
+                out.append(held.event)
+                if held.resend_offline:
+                    out.append(self._offline_copy(held.event))
+            self.held[gate] = []
+        self.down.clear()
+        return out
+
+
+def _topic(event: ScanEvent) -> str:
+    return gate_topic(event.lot_id, event.gate_id, TopicKind.EVENTS)
+
+
+@pytest.mark.parametrize("seed", range(1, 7))
+def test_the_fast_path_agrees_when_gates_lose_their_links(
+    twins: tuple[Twin, Twin], seed: int
+) -> None:
+    fast, orm = twins
+    commute = Commute(seed, fast.central)
+
+    def deliver(events: list[ScanEvent], number: int) -> list[Any]:
+        batch = [_inbound(_topic(e), e) for e in events]
+        answers: list[Any] = []
+        for name, twin in (("fast", fast), ("orm", orm)):
+            bridge = twin.central.bridge
+            assert bridge is not None
+            out = bridge.process_batch(batch)
+            names = _stay_names(twin.central)
+            got = [_answer(r.message, names) for r in out]
+            if name == "fast":
+                answers = got
+                replies = out
+            else:
+                for one, other in zip(answers, got, strict=True):
+                    assert one == other, f"batch {number}: fast path {one}, ORM flow {other}"
+        return replies
+
+    for round_ in range(60):
+        now = fast.clock.now()
+        late = commute.links()
+        live = commute.scans(now)
+        by_event = {event.event_id: driver for driver, event in live}
+        events = [event for _, event in live] + late
+        commute.rng.shuffle(events)
+        for reply in deliver(events, round_):
+            message = reply.message
+            driver = by_event.get(message.event_id)
+            if (
+                driver is not None
+                and isinstance(message, GateCommand)
+                and message.action is GateAction.OPEN
+            ):
+                event = next(e for d, e in live if e.event_id == message.event_id)
+                commute.passed(driver, event)
+        step = timedelta(minutes=commute.rng.choice([1, 3, 10, 30]))
+        fast.clock.advance(step)
+        orm.clock.advance(step)
+    deliver(commute.heal(), 60)
+
+    fast_books, orm_books = _books(fast.central), _books(orm.central)
+    for part in fast_books:
+        assert fast_books[part] == orm_books[part], part
+    assert sum(fast_books["balances"].values()) == 0
+    assert fast.central.stats.fast_fallbacks == 0
+    assert fast.central.stats.fast > 0
+    assert min(commute.kept.values()) > 0, commute.kept  # both kinds of fault happened
+    with Session(fast.central.engine) as db:
+        stays = db.exec(select(ParkingSession).where(ParkingSession.lot_id == "city")).all()
+        for driver in COMMUTERS:
+            open_ = [s for s in stays if s.account_id == driver and s.state == "open"]
+            assert len(open_) == int(commute.inside[driver]), (driver, open_)
+        closed_by = [s.exit_event_id for s in stays if s.state == "closed"]
+        assert sorted(e for e in closed_by if e is not None) == sorted(commute.exits)
