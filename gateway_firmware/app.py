@@ -22,7 +22,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -93,6 +93,7 @@ __all__ = [
     "camera_opener",
     "make_transport",
     "real_hardware",
+    "resend_due",
     "status_will",
     "tls_context",
 ]
@@ -128,6 +129,19 @@ class Hardware:
                 release()
             except Exception:
                 log.exception("releasing a device failed")
+
+
+def resend_due(oldest: str | None, pending: Sequence[str]) -> bool:
+    """Whether the unanswered events go again: the oldest of those waiting at the last
+    check (``oldest``) is still in the outbox (``pending``, oldest first) a whole interval
+    later.
+
+    The service answers a gateway's events in the order they reach it, so a service working
+    through a backlog (after a partition, say) answers the oldest first: sending the whole
+    outbox again then would only queue copies behind the originals (a resend storm, 3-4x
+    the events). An oldest event unanswered for an interval was lost (a broker that
+    accepted it had nobody subscribed, or restarted empty): everything goes again."""
+    return oldest is not None and oldest in pending
 
 
 @dataclass(frozen=True)
@@ -695,16 +709,16 @@ class Gateway:
             await self.replay()
 
     async def _resend_loop(self) -> None:
-        seen: set[str] = set()
+        oldest: str | None = None
         while True:
             await asyncio.sleep(self.tuning.resend_s)
             if not self.uplink.connected:
-                seen = set()
+                oldest = None
                 continue
-            pending = {event.event_id for event in self.outbox.pending()}
-            if pending & seen:  # some have waited a whole interval for an answer
+            pending = [event.event_id for event in self.outbox.pending()]
+            if resend_due(oldest, pending):
                 await self.replay()
-            seen = pending
+            oldest = pending[0] if pending else None
 
     async def replay(self) -> int:
         """Publish every unanswered event in order; stop at the first failure."""

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from gw_support import GATE, LOT, Harness, eventually
 
+from gateway_firmware.app import resend_due
 from gateway_firmware.core.lane import CHECKING_TEXT, LaneState
 from gateway_firmware.hardware.interfaces import CameraError
 from parking_protocol.clock import FakeClock
@@ -494,3 +495,19 @@ async def test_a_used_code_is_refused_as_replayed_after_a_restart(
     # Another driver's fresh code still opens offline: only the used one is refused.
     second.camera.push_code(issue("bob"))
     await eventually(lambda: second.gate.is_open, what="a fresh code opens offline")
+
+
+@pytest.mark.parametrize(
+    ("oldest", "pending", "due"),
+    [
+        (None, ["a", "b"], False),  # nothing has waited a whole interval yet
+        ("a", ["a", "b"], True),  # the oldest unanswered for an interval: lost
+        ("a", ["a", "b", "c"], True),  # newer ones meanwhile change nothing
+        ("a", ["b", "c", "d"], False),  # "a" answered: a backlog draining in order
+        ("a", [], False),  # all answered
+    ],
+)
+def test_unanswered_events_go_again_only_when_the_oldest_waited_a_whole_interval(
+    oldest: str | None, pending: list[str], due: bool
+) -> None:
+    assert resend_due(oldest, pending) is due

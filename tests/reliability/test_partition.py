@@ -471,6 +471,10 @@ async def test_30_minute_partition_of_two_lots_reconciles_exactly(
         for lot in world.lots:
             summary(lot.site, f"lot {lot.site.lot}, links {lot.fault}")
         print(f"{len(offline)} scans during the partition, {len(world.copycats)} copied codes")
+        resent = sum(
+            lane.gateway.stats.events_replayed for lot in world.lots for lane in lot.site.gateways()
+        )
+        print(f"events sent again by the gateways (replays after reconnect and resends): {resent}")
         for lot in world.lots:
             try:
                 lot.site.check_exactly_once(report)
