@@ -13,7 +13,7 @@ from server.deps import CentralDep, NowDep, SessionDep
 from server.lots import service
 from server.lots.models import Lot, LotCreate, LotRead, Occupancy
 from server.pricing.models import TariffSpec, TariffVersion
-from server.sessions.models import ParkingSession, SessionState
+from server.sessions.models import ParkingSession, SessionState, state_in
 
 __all__ = ["router"]
 
@@ -53,7 +53,7 @@ _LOT, _TV, _PS = _LOTS.c, _VERSIONS.c, _SESSIONS.c
 _OPEN = (
     sa.select(sa.func.count())
     .select_from(_SESSIONS)
-    .where(_PS.lot_id == _LOT.lot_id, _PS.state == SessionState.OPEN)
+    .where(_PS.lot_id == _LOT.lot_id, state_in(SessionState.OPEN))
     .correlate(_LOTS)
     .scalar_subquery()
 )

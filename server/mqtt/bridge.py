@@ -122,6 +122,14 @@ def _unreachable(exc: OperationalError) -> bool:
     return bool(exc.connection_invalidated) or state is None or state.startswith(("08", "57P"))
 
 
+class _FirstRunFailed(Exception):
+    """The fast run a transaction began with failed, without a SAVEPOINT to roll back to."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__(length)
+        self.length = length
+
+
 BatchListener = Callable[[Sequence[Inbound], Sequence[Reply]], None]
 """Called on the event loop after each batch committed, with its messages and replies."""
 
@@ -281,15 +289,35 @@ class Bridge:
 
     def process_batch(self, batch: list[Inbound]) -> list[Reply]:
         """One transaction for the batch (runs in a thread), in batch order: runs of online
-        scans through the fast path (one SAVEPOINT per run), everything else, and whatever
-        the fast path leaves, one message per SAVEPOINT through the ORM flow."""
+        scans through the fast path (one SAVEPOINT per run, but for a run the transaction
+        begins with), everything else, and whatever the fast path leaves, one message per
+        SAVEPOINT through the ORM flow."""
+        try:
+            replies = self._transaction(batch, bare_start=True)
+        except _FirstRunFailed as failed:
+            # Nothing of it was written: the transaction was rolled back whole.
+            replies = self._transaction(batch, bare_start=False, orm_until=failed.length)
+        self.stats.batches += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        return replies
+
+    def _transaction(
+        self, batch: list[Inbound], *, bare_start: bool, orm_until: int = 0
+    ) -> list[Reply]:
+        """``bare_start``: a fast run at the start goes without a SAVEPOINT (two statements
+        fewer for a batch of one; if it fails, :class:`_FirstRunFailed` rolls back the whole
+        transaction and the batch is done again with that run through the ORM flow:
+        ``orm_until``)."""
         replies: list[Reply] = []
         with Session(self.engine, expire_on_commit=False) as db, db.begin():
             i = 0
             while i < len(batch):
-                run = self._fast_run(batch, i)
+                run = self._fast_run(batch, i) if i >= orm_until else []
                 if run:
-                    decided = self._process_fast(db, run)
+                    bare = bare_start and i == 0
+                    decided = self._process_fast(db, run, savepoint=not bare)
+                    if decided is None and bare:
+                        raise _FirstRunFailed(len(run))
                     if decided is None:  # the run failed as a whole: one by one instead
                         replies.extend(r for item in run if (r := self._process_one(db, item)))
                         i += len(run)
@@ -302,8 +330,6 @@ class Bridge:
                 if reply is not None:
                     replies.append(reply)
                 i += 1
-        self.stats.batches += 1
-        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         return replies
 
     def _fast_run(self, batch: list[Inbound], start: int) -> list[Inbound]:
@@ -319,14 +345,17 @@ class Bridge:
             end += 1
         return batch[start:end]
 
-    def _process_fast(self, db: Session, run: list[Inbound]) -> list[Reply] | None:
-        """Decide a prefix of ``run`` in one SAVEPOINT; None if the run failed as a whole
-        (nothing of it written): a race with another process, a deadlock, a bug."""
+    def _process_fast(
+        self, db: Session, run: list[Inbound], *, savepoint: bool = True
+    ) -> list[Reply] | None:
+        """Decide a prefix of ``run`` in one SAVEPOINT (or none: the caller rolls back the
+        transaction if it fails); None if the run failed as a whole (nothing of it written,
+        once rolled back): a race with another process, a deadlock, a bug."""
         assert self.fast_path is not None
         now = self.clock.now()
         items = [(item.message, item.ref) for item in run if isinstance(item.message, ScanEvent)]
         try:
-            with db.begin_nested():
+            with db.begin_nested() if savepoint else contextlib.nullcontext():
                 outcome = self.fast_path.decide(db.connection(), items, now)
         except OperationalError as exc:
             if _unreachable(exc):

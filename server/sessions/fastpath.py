@@ -68,6 +68,7 @@ from server.sessions.models import (
     ProcessedEvent,
     SessionState,
     UsedNonce,
+    state_in,
 )
 from server.sessions.prepared import Prepared
 
@@ -88,15 +89,6 @@ _payments = Payment.__table__  # type: ignore[attr-defined]
 _permits = Permit.__table__  # type: ignore[attr-defined]
 _validations = Validation.__table__  # type: ignore[attr-defined]
 _versions = TariffVersion.__table__  # type: ignore[attr-defined]
-
-
-def _state_is(state: str) -> sa.ColumnElement[bool]:
-    """``state = 'open'`` with the value in the SQL text, not bound: SQLite re-prepares a
-    statement on every execution when a bound value could decide whether a partial index
-    (``uq_parking_sessions_one_open``, ``WHERE state = 'open'``) applies — 55 µs a query
-    instead of 3."""
-    same: sa.ColumnElement[bool] = _sessions.c.state == sa.literal_column(f"'{state}'")
-    return same
 
 
 def _in(column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[bool]:
@@ -132,7 +124,7 @@ _Q_OPEN = (
         _sessions.c.prepaid_minor,
         _sessions.c.prepaid_at,
     )
-    .where(_in(_sessions.c.account_id, "accounts"), _state_is(SessionState.OPEN))
+    .where(_in(_sessions.c.account_id, "accounts"), state_in(SessionState.OPEN))
     .order_by(_sessions.c.session_id)
 )
 _Q_LAST_CLOSED = (
@@ -143,7 +135,7 @@ _Q_LAST_CLOSED = (
     )
     .where(
         _in(_sessions.c.account_id, "accounts"),
-        _state_is(SessionState.CLOSED),
+        state_in(SessionState.CLOSED),
         _sessions.c.lost_ticket.is_(False),
     )
     .group_by(_sessions.c.account_id, _sessions.c.lot_id)
@@ -155,7 +147,7 @@ _Q_PENDING = (
 )
 _Q_OCCUPANCY = (
     sa.select(_sessions.c.lot_id, sa.func.count().label("n"))
-    .where(_in(_sessions.c.lot_id, "lots"), _state_is(SessionState.OPEN))
+    .where(_in(_sessions.c.lot_id, "lots"), state_in(SessionState.OPEN))
     .group_by(_sessions.c.lot_id)
 )
 _Q_PERMITS = (
@@ -187,7 +179,7 @@ _CLOSE = (
     _sessions.update()
     .where(
         _sessions.c.session_id == sa.bindparam("b_session_id"),
-        _state_is(SessionState.OPEN),
+        state_in(SessionState.OPEN),
     )
     .values(
         state=SessionState.CLOSED,

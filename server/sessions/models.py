@@ -76,6 +76,22 @@ class ParkingSession(SQLModel, table=True):
     lost_ticket: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
 
 
+def state_in(*states: str) -> sa.ColumnElement[bool]:
+    """``parking_sessions.state = 'open'`` (or ``IN (...)``) with the values written into
+    the SQL, not bound: SQLite re-prepares a statement at every execution when a bound
+    value could decide whether a partial index (``uq_parking_sessions_one_open``, ``WHERE
+    state = 'open'``) applies — 55 µs a query instead of 3 on our machine."""
+    if not states or not _STATES.issuperset(states):
+        raise ValueError(f"not session states: {states}")
+    column = ParkingSession.__table__.c.state  # type: ignore[attr-defined]
+    values: list[sa.ColumnElement[str]] = [sa.literal_column(f"'{s}'") for s in states]
+    same: sa.ColumnElement[bool] = column == values[0] if len(values) == 1 else column.in_(values)
+    return same
+
+
+_STATES = frozenset({SessionState.OPEN, SessionState.CLOSED, SessionState.VOID})
+
+
 class UsedNonce(SQLModel, table=True):
     """A code nonce that has opened a gate: a second use is a replay."""
 

@@ -25,6 +25,7 @@ from server.sessions.models import (
     SessionRead,
     SessionState,
     UsedNonce,
+    state_in,
 )
 
 __all__ = [
@@ -63,7 +64,7 @@ def find_open(db: Session, account_id: str, lot_id: str) -> ParkingSession | Non
         select(ParkingSession).where(
             ParkingSession.account_id == account_id,
             ParkingSession.lot_id == lot_id,
-            ParkingSession.state == SessionState.OPEN,
+            state_in(SessionState.OPEN),
         )
     ).first()
 
@@ -78,7 +79,7 @@ def stay_entered_by(
         .where(
             ParkingSession.account_id == account_id,
             ParkingSession.lot_id == lot_id,
-            col(ParkingSession.state).in_([SessionState.OPEN, SessionState.CLOSED]),
+            state_in(SessionState.OPEN, SessionState.CLOSED),
             col(ParkingSession.lost_ticket).is_(False),
             ParkingSession.entered_at <= at,
         )
@@ -91,7 +92,7 @@ def count_open(db: Session, lot_id: str) -> int:
     total = db.exec(
         select(sa.func.count())
         .select_from(ParkingSession)
-        .where(ParkingSession.lot_id == lot_id, ParkingSession.state == SessionState.OPEN)
+        .where(ParkingSession.lot_id == lot_id, state_in(SessionState.OPEN))
     ).one()
     return int(total)
 
@@ -434,7 +435,7 @@ def lost_ticket_exit_after(
         .where(
             ParkingSession.account_id == account_id,
             ParkingSession.lot_id == lot_id,
-            ParkingSession.state == SessionState.CLOSED,
+            state_in(SessionState.CLOSED),
             col(ParkingSession.lost_ticket).is_(True),
             col(ParkingSession.exited_at) >= at,
             col(ParkingSession.session_id).not_in(claimed),

@@ -48,6 +48,7 @@ from server.lots.models import LotCreate, TariffSchema
 from server.mqtt.bridge import Inbound
 from server.payments import service as payments
 from server.payments.models import Payment, PermitCreate, ValidationCreate
+from server.sessions import fastpath
 from server.sessions.models import ParkingSession, ProcessedEvent, UsedNonce
 
 START = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
@@ -523,3 +524,57 @@ def test_the_fast_path_agrees_when_gates_lose_their_links(
             assert len(open_) == int(commute.inside[driver]), (driver, open_)
         closed_by = [s.exit_event_id for s in stays if s.state == "closed"]
         assert sorted(e for e in closed_by if e is not None) == sorted(commute.exits)
+
+
+@pytest.mark.parametrize("first", ["online", "offline"])
+def test_a_fast_run_that_fails_after_writing_leaves_nothing_and_the_orm_flow_decides(
+    twins: tuple[Twin, Twin], monkeypatch: pytest.MonkeyPatch, first: str
+) -> None:
+    """The run writes part of its rows, then fails (a bug, a lost race): its writes are undone
+    (the whole transaction when the run began it, else its SAVEPOINT) and the ORM flow
+    decides the same events once, as if the fast path had never run."""
+    fast, orm = twins
+    traffic = Traffic(5, fast.central)
+    now = fast.clock.now()
+
+    def scan(driver: str, gate: str, offline: bool = False) -> Inbound:
+        direction = GATES[("city", gate)]
+        decision = None
+        if offline:
+            decision = OfflineDecision(
+                action=GateAction.OPEN, reason=Reason.WELCOME, decided_at=now
+            )
+        event = ScanEvent(
+            event_id=new_id(),
+            lot_id="city",
+            gate_id=gate,
+            seq=1,
+            boot=1,
+            direction=direction,
+            code=traffic.code(driver, now),
+            scanned_at=now - timedelta(seconds=len(traffic.sent) + 1),
+            offline=decision,
+        )
+        traffic.sent.append(event)
+        return _inbound(gate_topic("city", gate, TopicKind.EVENTS), event)
+
+    batch = [scan("d0", "in1"), scan("d1", "in2"), scan("d2", "in1")]
+    if first == "offline":
+        batch.insert(0, scan("d3", "in2", offline=True))
+
+    def broken(conn: Any, rows: Any) -> None:
+        raise RuntimeError("a bug after writing the stays and the spent codes")
+
+    # The stays and the spent codes are written; the answers never are.
+    monkeypatch.setattr(fastpath._P_INSERT[ProcessedEvent.__tablename__], "many", broken)
+    answers = {}
+    for name, twin in (("fast", fast), ("orm", orm)):
+        bridge = twin.central.bridge
+        assert bridge is not None
+        out = bridge.process_batch(batch)
+        answers[name] = [_answer(r.message, _stay_names(twin.central)) for r in out]
+    assert answers["fast"] == answers["orm"]
+    assert [a[1] for a in answers["fast"][-3:]] == [GateAction.OPEN] * 3
+    assert _books(fast.central) == _books(orm.central)
+    assert fast.central.stats.fast_fallbacks == 1
+    assert fast.central.stats.fast == 0
