@@ -270,7 +270,6 @@ class Service:
             "QRPARK_MQTT_CLIENT_ID": f"bench-central-{port}",
             "QRPARK_KEY_FILE": str(self.key_file),
             "QRPARK_BOOTSTRAP_API_TOKEN": API_TOKEN,
-            # The figures of docs/scaling.md §6 are the fast path's (off by default for now).
             "QRPARK_EVENT_FAST_PATH": os.environ.get("QRPARK_EVENT_FAST_PATH", "true"),
         }
         self.process = subprocess.Popen(

