@@ -82,6 +82,14 @@ def _expiry_properties(seconds: int) -> Properties:
     return properties
 
 
+def _drop_socket(client: aiomqtt.Client) -> None:
+    """Close the socket of a client cancelled before CONNACK (closed while its link hangs):
+    aiomqtt (2.5) leaves it open with its reader and its housekeeping task, and paho's
+    ``__del__`` then closes it after the event loop is gone ("Event loop is closed")."""
+    with contextlib.suppress(Exception):
+        client._client._reset_sockets()
+
+
 class _Client(aiomqtt.Client):
     """``aiomqtt.Client`` failing the connect at once when the socket closes before CONNACK.
 
@@ -309,6 +317,10 @@ class MqttTransport:
                     log.warning("mqtt %s lost connection: %s", self.client_id, exc)
                 else:
                     log.debug("mqtt %s cannot connect: %s", self.client_id, exc)
+            except asyncio.CancelledError:
+                if not established:
+                    _drop_socket(client)
+                raise
             finally:
                 self._connected.clear()
                 self._client = None

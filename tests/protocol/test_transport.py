@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -162,6 +163,7 @@ class _Front:
     def __init__(self, *, hold: bool = False) -> None:
         self.hold = hold
         self.accepted: list[float] = []
+        self.first = asyncio.Event()
         self.third = asyncio.Event()
         self._held: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
@@ -185,6 +187,7 @@ class _Front:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted.append(asyncio.get_running_loop().time())
+        self.first.set()
         if len(self.accepted) == 3:
             self.third.set()
         if self.hold:
@@ -252,6 +255,38 @@ async def test_mqtt_connect_times_out_and_widens_the_backoff_to_the_attempt() ->
             assert not transport.connected
         finally:
             await transport.close()
+
+
+async def test_closing_while_the_broker_never_answers_leaves_no_socket_or_task() -> None:
+    """A gateway stopped while its link hangs (connected, no CONNACK): nothing of the
+    attempt may outlive the close, or paho closes the socket from ``__del__`` after the
+    event loop is gone."""
+    async with _Front(hold=True) as front:
+        transport = MqttTransport(
+            parse_broker_url(f"127.0.0.1:{front.port}"), "t-hung", connect_timeout=30
+        )
+        made: list[Any] = []
+        make = transport._make_client
+
+        def recording() -> Any:
+            made.append(make())
+            return made[-1]
+
+        transport._make_client = recording  # type: ignore[method-assign]
+        await transport.start()
+        await asyncio.wait_for(_accepted(front), 5)
+        [client] = made
+        assert client._client.socket() is not None
+        await transport.close()
+        await asyncio.sleep(0.01)  # the housekeeping task's cancellation runs
+        assert client._client.socket() is None
+        leftover = [t for t in asyncio.all_tasks() if "_misc_loop" in repr(t.get_coro())]
+        assert leftover == []
+
+
+async def _accepted(front: _Front) -> None:
+    await front.first.wait()
+    await asyncio.sleep(0.05)  # the CONNECT is on its way; CONNACK never comes
 
 
 _DYING_CLIENT = """

@@ -527,6 +527,17 @@ def test_the_fast_path_agrees_when_gates_lose_their_links(
         assert sorted(e for e in closed_by if e is not None) == sorted(commute.exits)
 
 
+def _answers_of_both(fast: Twin, orm: Twin, batch: list[Inbound]) -> dict[str, list[Any]]:
+    """The same batch through both services: each one's answers, stays named alike."""
+    answers = {}
+    for name, twin in (("fast", fast), ("orm", orm)):
+        bridge = twin.central.bridge
+        assert bridge is not None
+        out = bridge.process_batch(batch)
+        answers[name] = [_answer(r.message, _stay_names(twin.central)) for r in out]
+    return answers
+
+
 @pytest.mark.parametrize("first", ["online", "offline"])
 def test_a_fast_run_that_fails_after_writing_leaves_nothing_and_the_orm_flow_decides(
     twins: tuple[Twin, Twin], monkeypatch: pytest.MonkeyPatch, first: str
@@ -568,12 +579,7 @@ def test_a_fast_run_that_fails_after_writing_leaves_nothing_and_the_orm_flow_dec
 
     # The stays and the spent codes are written; the answers never are.
     monkeypatch.setattr(fastpath._P_INSERT[ProcessedEvent.__tablename__], "many", broken)
-    answers = {}
-    for name, twin in (("fast", fast), ("orm", orm)):
-        bridge = twin.central.bridge
-        assert bridge is not None
-        out = bridge.process_batch(batch)
-        answers[name] = [_answer(r.message, _stay_names(twin.central)) for r in out]
+    answers = _answers_of_both(fast, orm, batch)
     assert answers["fast"] == answers["orm"]
     assert [a[1] for a in answers["fast"][-3:]] == [GateAction.OPEN] * 3
     assert _books(fast.central) == _books(orm.central)
@@ -616,12 +622,7 @@ def test_codes_checked_on_arrival_are_judged_as_the_orm_flow_judges_them(
         inbound = bridge.accept(InboundMessage(topic, encode(event), False))
         assert inbound is not None and inbound.signature is not None
         batch.append(inbound)
-    answers = {}
-    for name, twin in (("fast", fast), ("orm", orm)):
-        twin_bridge = twin.central.bridge
-        assert twin_bridge is not None
-        out = twin_bridge.process_batch(batch)
-        answers[name] = [_answer(r.message, _stay_names(twin.central)) for r in out]
+    answers = _answers_of_both(fast, orm, batch)
     assert answers["fast"] == answers["orm"]
     assert [a[2] for a in answers["fast"]] == [
         Reason.WELCOME,
