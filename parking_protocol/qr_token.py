@@ -48,8 +48,6 @@ __all__ = [
     "MAX_LIFETIME",
     "CodeClaims",
     "CodeRejected",
-    "check_signature",
-    "check_window",
     "issue_code",
     "load_public_key",
     "parse_code",
@@ -170,18 +168,10 @@ def verify_code(
 
     Raises :class:`CodeRejected` with a distinct reason for each failure. Checks run from
     the cheapest to the signature, and the time window only after the signature, so an
-    attacker learns nothing about timing from a forged code. The same as
-    :func:`check_window` of :func:`check_signature`, which a caller may run apart (the
-    signature as the code arrives, the window when it is decided).
+    attacker learns nothing about timing from a forged code.
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    return check_window(check_signature(code, keys), now=now, skew=skew)
-
-
-def check_signature(code: str, keys: Mapping[str, Ed25519PublicKey]) -> CodeClaims:
-    """Format, key, signature and lifetime: everything of :func:`verify_code` but the
-    validity window (which depends on when the code is judged); :class:`CodeRejected`."""
     claims = parse_code(code)
     key = keys.get(claims.kid)
     if key is None:
@@ -194,15 +184,6 @@ def check_signature(code: str, keys: Mapping[str, Ed25519PublicKey]) -> CodeClai
         claims.expires_at - claims.issued_at > MAX_LIFETIME
     ):
         raise CodeRejected(CodeRejection.MALFORMED, "lifetime out of range")
-    return claims
-
-
-def check_window(
-    claims: CodeClaims, *, now: datetime, skew: timedelta = DEFAULT_SKEW
-) -> CodeClaims:
-    """Whether the claims of a code whose signature checked out are valid at ``now``."""
-    if now.tzinfo is None:
-        raise ValueError("now must be timezone-aware")
     if now + skew < claims.issued_at:
         raise CodeRejected(CodeRejection.NOT_YET_VALID, claims.issued_at.isoformat())
     if now - skew >= claims.expires_at:

@@ -23,7 +23,6 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -40,7 +39,6 @@ from parking_protocol.messages import (
     ScanEvent,
     decode,
 )
-from parking_protocol.qr_token import CodeClaims, check_signature
 from parking_protocol.topics import TopicKind, TopicRef, all_gates_filter, parse_topic, shared
 from parking_protocol.transport import InboundMessage, Transport, TransportUnavailable
 from server.gateways.sequence import SeqTracker
@@ -107,9 +105,6 @@ class Inbound:
     topic: str
     payload: bytes
     message: ScanEvent | GatewayStatus | CommandReply
-    signature: Future[CodeClaims] | None = None
-    """An online scan's code signature, being checked on the verifying thread since the
-    message arrived (the fast path takes the result; the ORM flow checks it itself)."""
 
 
 _CONFLICT_RETRIES = 2
@@ -173,14 +168,6 @@ class Bridge:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: list[asyncio.Task[None]] = []
-        # cryptography releases the GIL while verifying an Ed25519 signature (183 µs on our
-        # machine): checked here as each scan arrives, it runs on the other core meanwhile
-        # instead of inside the database thread's batch.
-        self._verifier = (
-            ThreadPoolExecutor(1, thread_name_prefix="qrpark-verify")
-            if fast_path is not None
-            else None
-        )
 
     # -- lifecycle -------------------------------------------------------------------------
     def subscriptions(self) -> list[str]:
@@ -216,8 +203,6 @@ class Bridge:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        if self._verifier is not None:
-            self._verifier.shutdown(wait=False, cancel_futures=True)
 
     async def wait_idle(self) -> None:
         """Until everything accepted so far is committed and published."""
@@ -239,19 +224,9 @@ class Bridge:
             self.stats.decode_failures[exc.failure] += 1
             log.warning("dropped %s payload on %s: %s", ref.kind, message.topic, exc)
             return None
-        signature = None
         if isinstance(decoded, ScanEvent):
             self._track_sequence(ref, decoded)
-            verifier, fast = self._verifier, self.fast_path
-            if verifier is not None and fast is not None and fast.handles(decoded):
-                signature = verifier.submit(check_signature, decoded.code, self.config.keys)
-        return Inbound(
-            ref=ref,
-            topic=message.topic,
-            payload=message.payload,
-            message=decoded,
-            signature=signature,
-        )
+        return Inbound(ref=ref, topic=message.topic, payload=message.payload, message=decoded)
 
     def _track_sequence(self, ref: TopicRef, event: ScanEvent) -> None:
         """Notice events of a gateway that have not arrived (its outbox replays them)."""
@@ -379,14 +354,9 @@ class Bridge:
         assert self.fast_path is not None
         now = self.clock.now()
         items = [(item.message, item.ref) for item in run if isinstance(item.message, ScanEvent)]
-        signatures = {
-            item.message.event_id: item.signature
-            for item in run
-            if item.signature is not None and isinstance(item.message, ScanEvent)
-        }
         try:
             with db.begin_nested() if savepoint else contextlib.nullcontext():
-                outcome = self.fast_path.decide(db.connection(), items, now, signatures)
+                outcome = self.fast_path.decide(db.connection(), items, now)
         except OperationalError as exc:
             if _unreachable(exc):
                 raise

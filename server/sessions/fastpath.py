@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -43,7 +42,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from parking_protocol.messages import EventAck, GateCommand, ScanEvent, decode, new_id
-from parking_protocol.qr_token import CodeClaims, CodeRejected, check_window
+from parking_protocol.qr_token import CodeClaims
 from parking_protocol.topics import TopicKind, TopicRef, gate_topic
 from parking_protocol.types import Direction, GateAction, Money, Reason
 from server.accounts.ledger import payment_postings, wallet_account
@@ -342,19 +341,10 @@ class FastPath:
         """Whether :meth:`decide` may take ``event`` at all (offline ones never)."""
         return event.offline is None
 
-    def decide(
-        self,
-        conn: Connection,
-        items: Sequence[Item],
-        now: datetime,
-        signatures: Mapping[str, Future[CodeClaims]] | None = None,
-    ) -> Outcome:
+    def decide(self, conn: Connection, items: Sequence[Item], now: datetime) -> Outcome:
         """Decide the longest prefix of ``items`` this path handles; ``len(replies)`` says
-        how many. Writes go through ``conn`` (the caller's transaction). ``signatures``: by
-        event id, :func:`~parking_protocol.qr_token.check_signature` of its code, started
-        when it arrived; the validity window is still judged here."""
-        read = self._read(conn, items, now, signatures or {})
-        run = _Run(self.config, now, read, self._tariffs)
+        how many. Writes go through ``conn`` (the caller's transaction)."""
+        run = _Run(self.config, now, self._read(conn, items, now), self._tariffs)
         replies: list[Reply] = []
         replayed = 0
         for event, ref in items:
@@ -409,29 +399,12 @@ class FastPath:
                     )
         return found
 
-    def _claims(
-        self, event: ScanEvent, now: datetime, signature: Future[CodeClaims] | None
-    ) -> CodeClaims | Reason:
-        """The code verified (never the gateway's verdict): its signature as checked when
-        it arrived, if it was, and its validity window when the scan happened."""
-        at = event_time(event, now, self.config)
-        if signature is None:
-            return _verify(event, at, self.config)
-        try:
-            return check_window(signature.result(), now=at, skew=self.config.skew)
-        except CodeRejected as exc:
-            return Reason.from_rejection(exc.reason)
-
-    def _read(
-        self,
-        conn: Connection,
-        items: Sequence[Item],
-        now: datetime,
-        signatures: Mapping[str, Future[CodeClaims]],
-    ) -> _Facts:
+    def _read(self, conn: Connection, items: Sequence[Item], now: datetime) -> _Facts:
         events = [event for event, _ in items]
         refs = self._references(conn, items, now)
-        claims = {e.event_id: self._claims(e, now, signatures.get(e.event_id)) for e in events}
+        claims = {
+            e.event_id: _verify(e, event_time(e, now, self.config), self.config) for e in events
+        }  # never trust the gateway's own verification
         valid = [c for c in claims.values() if not isinstance(c, Reason)]
         accounts = sorted({c.account_id for c in valid})
         nonces = [c.nonce for c in valid]
