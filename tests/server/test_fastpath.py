@@ -464,7 +464,7 @@ def _topic(event: ScanEvent) -> str:
     return gate_topic(event.lot_id, event.gate_id, TopicKind.EVENTS)
 
 
-@pytest.mark.parametrize("seed", range(1, 7))
+@pytest.mark.parametrize("seed", range(1, 4))  # 80 ran clean once on SQLite
 def test_the_fast_path_agrees_when_gates_lose_their_links(
     twins: tuple[Twin, Twin], seed: int
 ) -> None:
