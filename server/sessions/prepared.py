@@ -62,8 +62,11 @@ class Prepared:
 
     # -- compiling, once ---------------------------------------------------------------------
     def _plan(self, dialect: Dialect, given: Mapping[str, Any]) -> _Plan:
-        sizes = tuple(sorted((k, len(v)) for k, v in given.items() if isinstance(v, list)))
-        key = (dialect.name, sizes, tuple(sorted(given)))
+        # Callers pass their parameters in a fixed order: no sorting on every execution.
+        key = (
+            dialect.name,
+            tuple((k, len(v)) if isinstance(v, list) else k for k, v in given.items()),
+        )
         plan = self._plans.get(key)
         if plan is not None:
             return plan

@@ -387,6 +387,15 @@ async def test_event_is_in_the_outbox_before_its_first_publish(
     assert stored_at_publish == [True]
 
 
+async def _opened_offline(h: Harness, issue: Callable[..., str]) -> None:
+    """A scan the silent service never answers: the lane opens on its own at the timeout."""
+    h.server.silent = True
+    h.camera.push_code(issue())
+    await eventually(lambda: len(h.server.events) == 1)
+    h.clock.advance(timedelta(seconds=h.settings.timeouts.decision_timeout_s))
+    await eventually(lambda: h.gate.is_open, what="offline open")
+
+
 async def test_late_answer_that_disagrees_with_the_offline_decision_is_reported_back(
     harness: Harness, issue: Callable[..., str]
 ) -> None:
@@ -394,11 +403,7 @@ async def test_late_answer_that_disagrees_with_the_offline_decision_is_reported_
     already opened, so the event stays in the outbox and goes again with its offline
     decision until the service acknowledges that (an EventAck)."""
     h = harness
-    h.server.silent = True
-    h.camera.push_code(issue())
-    await eventually(lambda: len(h.server.events) == 1)
-    h.clock.advance(timedelta(seconds=h.settings.timeouts.decision_timeout_s))
-    await eventually(lambda: h.gate.is_open, what="offline open")
+    await _opened_offline(h, issue)
     h.server.silent = False
     event = h.server.events[0]
     late = h.server.command(
@@ -425,11 +430,7 @@ async def test_a_late_answer_again_does_not_drop_the_offline_decision_unheard(
     until the service acknowledges the offline open, that exit (or entry) is unknown to it,
     and dropping it would leave a stay open for a car that is gone."""
     h = harness
-    h.server.silent = True
-    h.camera.push_code(issue())
-    await eventually(lambda: len(h.server.events) == 1)
-    h.clock.advance(timedelta(seconds=h.settings.timeouts.decision_timeout_s))
-    await eventually(lambda: h.gate.is_open, what="offline open")
+    await _opened_offline(h, issue)
     event = h.server.events[0]
     late = h.server.command(
         event_id=event.event_id,
