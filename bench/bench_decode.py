@@ -191,10 +191,15 @@ def run(quick: bool = True) -> list[Figure]:
     chosen = ZxingDecoder()
     result = measure(chosen, frames, empty)
     return [
-        Figure(f"decode median per 640x480 frame ({chosen.name})",
-               statistics.median(result.times_ms), "ms", 2.0),
-        Figure("decode reads across variants", result.read_rate * 100, "%", 98.0,
-               higher_is_better=True),
+        Figure(
+            f"decode median per 640x480 frame ({chosen.name})",
+            statistics.median(result.times_ms),
+            "ms",
+            2.0,
+        ),
+        Figure(
+            "decode reads across variants", result.read_rate * 100, "%", 98.0, higher_is_better=True
+        ),
         Figure("decode of a frame with no code", statistics.median(result.empty_ms), "ms", 0.5),
     ]
 

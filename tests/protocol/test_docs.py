@@ -17,7 +17,20 @@ def test_published_json_schema_matches_the_models() -> None:
 
 def test_protocol_doc_names_every_topic_kind_and_message() -> None:
     text = (DOCS / "protocol.md").read_text()
-    for word in ("events", "commands", "replies", "status", "denylist", "ScanEvent",
-                 "GateCommand", "EventAck", "CommandReply", "GatewayStatus", "DenyList",
-                 "QP1", "TCP_NODELAY", "deadline"):
+    for word in (
+        "events",
+        "commands",
+        "replies",
+        "status",
+        "denylist",
+        "ScanEvent",
+        "GateCommand",
+        "EventAck",
+        "CommandReply",
+        "GatewayStatus",
+        "DenyList",
+        "QP1",
+        "TCP_NODELAY",
+        "deadline",
+    ):
         assert word in text

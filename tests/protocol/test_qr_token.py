@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -54,6 +55,32 @@ def test_forged_signature_is_refused() -> None:
     forger = Ed25519PrivateKey.generate()
     code = issue_code(forger, kid="k1", account_id="alice", now=NOW)
     assert rejection(code) == CodeRejection.BAD_SIGNATURE
+
+
+# The order of the Ed25519 group: S and S + L verify alike in a lax checker.
+_ED25519_L = 2**252 + 27742317777372353535851937790883648493
+
+
+def test_a_malleated_signature_is_refused() -> None:
+    """The same signature with S + L (another encoding of the same scalar) must not make a
+    second valid code out of one (a screenshot with its nonce re-spent)."""
+    code = issue_code(KEY, kid="k1", account_id="alice", now=NOW)
+    body, _, sig_text = code.rpartition(".")
+    signature = base64.urlsafe_b64decode(sig_text + "==")
+    s = int.from_bytes(signature[32:], "little") + _ED25519_L
+    malleated = signature[:32] + s.to_bytes(32, "little")
+    forged = f"{body}.{base64.urlsafe_b64encode(malleated).rstrip(b'=').decode()}"
+    assert forged != code
+    assert rejection(forged) == CodeRejection.BAD_SIGNATURE
+
+
+def test_codes_of_many_keys_verify_and_cross_keys_are_refused() -> None:
+    keys = [Ed25519PrivateKey.generate() for _ in range(20)]
+    for i, key in enumerate(keys):
+        code = issue_code(key, kid="k1", account_id="alice", now=NOW)
+        assert verify_code(code, {"k1": key.public_key()}, now=NOW).account_id == "alice"
+        other = {"k1": keys[i - 1].public_key()}
+        assert rejection(code, keys=other) == CodeRejection.BAD_SIGNATURE
 
 
 def test_tampered_account_is_refused() -> None:
