@@ -22,7 +22,7 @@ import logging
 import random
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,13 +91,60 @@ def _drop_socket(client: aiomqtt.Client) -> None:
 
 
 class _Client(aiomqtt.Client):
-    """``aiomqtt.Client`` failing the connect at once when the socket closes before CONNACK.
+    """``aiomqtt.Client`` with two changes to how it hooks paho into the event loop.
 
-    aiomqtt (2.5) ignores paho's ``on_disconnect`` until the connection is established, so a
-    connection accepted and then closed before CONNACK left ``__aenter__`` waiting for its
-    whole timeout. paho reports that close through ``on_disconnect`` (``loop_read`` reads
-    EOF, closes the socket and calls it): here it fails the pending connect instead.
+    * The connect fails at once when the socket closes before CONNACK. aiomqtt (2.5)
+      ignores paho's ``on_disconnect`` until the connection is established, so a connection
+      accepted and then closed before CONNACK left ``__aenter__`` waiting for its whole
+      timeout. paho reports that close through ``on_disconnect`` (``loop_read`` reads EOF,
+      closes the socket and calls it): here it fails the pending connect instead.
+    * Readers and writers are registered only while the socket is still the client's own.
+      aiomqtt registered them later, by file number: when the socket had closed meanwhile
+      (a broker killed mid-traffic), that failed with EBADF, or, once the number was reused
+      by the next connection's socket, took over that socket's reader or writer.
     """
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        def read() -> None:
+            # loop_read may raise (a broken pipe): the connection is lost.
+            try:
+                while True:
+                    client.loop_read()
+                    # An SSL socket may hold decoded bytes that loop_read left
+                    # (eclipse-paho/paho.mqtt.python#131).
+                    pending = getattr(client.socket(), "pending", None)
+                    if pending is None or pending() <= 0:
+                        break
+            except Exception as exc:
+                self._lose(exc)
+
+        def register() -> None:
+            current = client.socket()
+            if current is sock and current is not None:
+                self._loop.add_reader(current.fileno(), read)
+                self._misc_task = self._loop.create_task(self._misc_loop())
+
+        # paho calls this from the executor thread running connect().
+        self._loop.call_soon_threadsafe(register)
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # paho may call this from the executor thread running connect().
+        self._loop.call_soon_threadsafe(self._add_writer, client, sock)
+
+    def _add_writer(self, client: paho.Client, sock: Any) -> None:
+        current = client.socket()
+        if current is sock and current is not None:
+            self._loop.add_writer(current.fileno(), self._guarded, client.loop_write)
+
+    def _guarded(self, call: Callable[[], object]) -> None:
+        try:
+            call()
+        except Exception as exc:  # a broken pipe: the connection is lost
+            self._lose(exc)
+
+    def _lose(self, exc: Exception) -> None:
+        if not self._disconnected.done():
+            self._disconnected.set_exception(exc)
 
     def _on_disconnect(
         self,

@@ -394,3 +394,74 @@ async def test_in_memory_faults_drop_deliveries_after_the_publish_succeeded() ->
     faults.drop = 1.0
     await publisher.publish("x/last", b"m")
     assert a._queue.qsize() + b._queue.qsize() == received
+
+
+class _StubPaho:
+    """What ``_Client``'s socket hooks use of a paho client: its socket and two loops."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock: socket.socket | None = sock
+        self.calls: list[str] = []
+
+    def socket(self) -> socket.socket | None:
+        return self.sock
+
+    def loop_write(self) -> int:
+        self.calls.append("write")
+        return 0
+
+    def loop_read(self) -> int:
+        self.calls.append("read")
+        return 0
+
+
+@pytest.mark.parametrize("hook", ["register_write", "open"])
+async def test_a_hook_for_a_socket_closed_meanwhile_leaves_the_next_socket_alone(
+    hook: str,
+) -> None:
+    """paho asks for a reader or writer; before the loop gets to it, the socket closes (a
+    broker killed mid-traffic) and the next connection's socket gets its number. That
+    socket must not be served by the dead client's loop (nor fail with EBADF)."""
+    from parking_protocol.mqtt import _Client
+
+    client = _Client("127.0.0.1", 1, identifier="stale-hooks")
+    old, old_peer = socket.socketpair()
+    stub = _StubPaho(old)
+    getattr(client, f"_on_socket_{hook}")(stub, None, old)
+    number = old.fileno()
+    stub.sock = None  # paho forgets a socket as it closes it
+    old.close()
+    old_peer.close()
+    new, new_peer = socket.socketpair()
+    try:
+        assert new.fileno() == number or new_peer.fileno() == number, "number not reused"
+        new_peer.send(b"x")  # readable and writable: a hook registered on it would run
+        new.send(b"x")
+        await asyncio.sleep(0.05)
+        assert stub.calls == []
+    finally:
+        new.close()
+        new_peer.close()
+
+
+async def test_hooks_for_the_live_socket_serve_it() -> None:
+    from parking_protocol.mqtt import _Client
+
+    client = _Client("127.0.0.1", 1, identifier="live-hooks")
+    sock, peer = socket.socketpair()
+    sock.setblocking(False)
+    stub = _StubPaho(sock)
+    loop = asyncio.get_running_loop()
+    try:
+        client._on_socket_open(stub, None, sock)
+        client._on_socket_register_write(stub, None, sock)
+        peer.send(b"x")
+        await asyncio.sleep(0.05)
+        assert "read" in stub.calls and "write" in stub.calls
+    finally:
+        loop.remove_reader(sock.fileno())
+        loop.remove_writer(sock.fileno())
+        if client._misc_task is not None:
+            client._misc_task.cancel()
+        sock.close()
+        peer.close()
