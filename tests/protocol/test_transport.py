@@ -453,8 +453,8 @@ async def test_hooks_for_the_live_socket_serve_it() -> None:
     stub = _StubPaho(sock)
     loop = asyncio.get_running_loop()
     try:
-        client._on_socket_open(stub, None, sock)
-        client._on_socket_register_write(stub, None, sock)
+        client._on_socket_open(stub, None, sock)  # type: ignore[arg-type]
+        client._on_socket_register_write(stub, None, sock)  # type: ignore[arg-type]
         peer.send(b"x")
         await asyncio.sleep(0.05)
         assert "read" in stub.calls and "write" in stub.calls
