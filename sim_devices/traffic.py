@@ -224,15 +224,21 @@ async def run_traffic(
     stop: asyncio.Event,
     stats: TrafficStats | None = None,
     on_event: Callable[[str], None] | None = None,
+    represent_after_s: float = 2.5,
 ) -> TrafficStats:
-    """Poisson arrivals until ``stop`` is set; each car enters, parks, and leaves."""
+    """Poisson arrivals until ``stop`` is set; each car enters, parks, and leaves.
+
+    A driver whose code gets no reaction for ``represent_after_s`` lowers the phone and
+    holds it up again, as real drivers do: a simulated camera serves the frame it rendered
+    for a code until the view changes, so a rendering the decoder misses would otherwise
+    stay missed for the whole attempt."""
     stats = stats or TrafficStats()
     report = on_event or (lambda text: log.info("%s", text))
     visits: set[asyncio.Task[None]] = set()
 
     async def visit(driver: Driver) -> None:
         stats.arrivals += 1
-        outcome = await pass_lane(entry, driver)
+        outcome = await pass_lane(entry, driver, represent_after_s=represent_after_s)
         stats.waits.append(outcome.waited_s)
         if not outcome.opened:
             stats.denied[outcome.message or "no answer"] += 1
@@ -244,7 +250,7 @@ async def run_traffic(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), rng.uniform(*dwell_s))
         for _attempt in range(3):
-            outcome = await pass_lane(exit_, driver)
+            outcome = await pass_lane(exit_, driver, represent_after_s=represent_after_s)
             stats.waits.append(outcome.waited_s)
             if outcome.opened:
                 driver.inside = False
