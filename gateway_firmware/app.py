@@ -19,6 +19,7 @@ import contextlib
 import functools
 import importlib.util
 import logging
+import math
 import os
 import ssl
 import time
@@ -272,6 +273,7 @@ class Gateway:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._present: bool | None = None
         self._last_frame_at: float | None = None
+        self._failure_logged: dict[str, float] = {}
         self._disputed: set[str] = set()
 
     @property
@@ -434,7 +436,11 @@ class Gateway:
                     self._spawn(self._publish_new(event))
                 case RecordOffline(event_id, decision):
                     self._stats.offline_decisions += 1
-                    self.outbox.set_offline(event_id, decision)
+                    try:
+                        self.outbox.set_offline(event_id, decision)
+                    except Exception as exc:  # the disk: the barrier still does what was decided
+                        self._stats.last_error = f"outbox: {exc}"
+                        log.exception("recording the offline decision for %s failed", event_id)
                     log.info(
                         "offline decision for %s: %s (%s)",
                         event_id,
@@ -578,7 +584,10 @@ class Gateway:
             for text in texts:
                 if self.debouncer.accept(text, self.clock.now()):
                     self._stats.scans += 1
-                    self.feed(CodeDecoded(text))
+                    try:
+                        self.feed(CodeDecoded(text))
+                    except Exception as exc:
+                        self._failed("handling a scan", exc)
 
     async def _decode(self, decoder: Decoder, frame: Frame) -> list[str]:
         started = time.perf_counter()
@@ -697,16 +706,34 @@ class Gateway:
         if deadline is not None and self.clock.now() >= deadline:
             self.feed(_TICK)  # earlier, a Tick does nothing (Lane.next_deadline)
 
+    def _failed(self, what: str, exc: Exception) -> None:
+        """A round of a background loop failed: counted and logged (the first time, then
+        at most once a minute per kind), and the loop goes on. A loop that died here would
+        leave the gateway up but deaf: no decision timeouts without the tick, no resends
+        without the resend loop, no codes read without the scan loop."""
+        self._stats.handler_errors += 1
+        self._stats.last_error = f"{what}: {exc}"
+        now = time.monotonic()
+        if now - self._failure_logged.get(what, -math.inf) >= 60:
+            self._failure_logged[what] = now
+            log.error("%s failed; going on", what, exc_info=exc)
+
     async def _tick_loop(self) -> None:
         while True:
-            self.tick()
+            try:
+                self.tick()
+            except Exception as exc:
+                self._failed("the tick", exc)
             await asyncio.sleep(self.tuning.tick_s)
 
     async def _replay_loop(self) -> None:
         while True:
             await self.uplink.reconnected.wait()
             self.uplink.reconnected.clear()
-            await self.replay()
+            try:
+                await self.replay()
+            except Exception as exc:
+                self._failed("the replay", exc)
 
     async def _resend_loop(self) -> None:
         oldest: str | None = None
@@ -715,9 +742,13 @@ class Gateway:
             if not self.uplink.connected:
                 oldest = None
                 continue
-            pending = [event.event_id for event in self.outbox.pending()]
-            if resend_due(oldest, pending):
-                await self.replay()
+            try:
+                pending = [event.event_id for event in self.outbox.pending()]
+                if resend_due(oldest, pending):
+                    await self.replay()
+            except Exception as exc:
+                self._failed("the resend", exc)
+                continue
             oldest = pending[0] if pending else None
 
     async def replay(self) -> int:
@@ -739,7 +770,10 @@ class Gateway:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
             if self.uplink.connected:
-                await self.publish_status()
+                try:
+                    await self.publish_status()
+                except Exception as exc:
+                    self._failed("the heartbeat", exc)
 
 
 def build_gateway(

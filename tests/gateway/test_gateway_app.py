@@ -125,6 +125,51 @@ async def test_silent_server_times_out_to_an_offline_decision(
     assert pending.offline.action is GateAction.OPEN
 
 
+async def test_a_failing_disk_for_an_offline_decision_still_moves_the_barrier(
+    harness: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    h.server.silent = True
+
+    def io_error(*args: Any, **kwargs: Any) -> None:
+        raise OSError("I/O error")
+
+    monkeypatch.setattr(h.gateway.outbox, "set_offline", io_error)
+    h.camera.push_code(issue())
+    await eventually(lambda: len(h.server.events) == 1)
+    h.clock.advance(timedelta(seconds=h.settings.timeouts.decision_timeout_s))
+    await eventually(lambda: h.gate.is_open, what="offline open despite the disk")
+    assert h.gateway.stats.offline_decisions == 1
+    assert h.gateway.stats.last_error == "outbox: I/O error"
+
+
+async def test_a_failing_round_of_the_tick_does_not_end_it(
+    harness: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One round of the tick fails (a bug, a device): the next rounds still decide the
+    lane's timeouts. A tick that died would leave the lane awaiting its answer for ever."""
+    h = harness
+    h.server.silent = True
+    real_tick = h.gateway.tick
+    failed: list[bool] = []
+
+    def tick_failing_once() -> None:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("boom")
+        real_tick()
+
+    monkeypatch.setattr(h.gateway, "tick", tick_failing_once)
+    await eventually(lambda: bool(failed), what="the failing round")
+    assert h.gateway.stats.handler_errors == 1
+    assert h.gateway.stats.last_error == "the tick: boom"
+    h.camera.push_code(issue())
+    await eventually(lambda: len(h.server.events) == 1)
+    h.clock.advance(timedelta(seconds=h.settings.timeouts.decision_timeout_s))
+    await eventually(lambda: h.gateway.stats.offline_decisions == 1, what="the timeout")
+    await eventually(lambda: h.gate.is_open, what="offline open")
+
+
 async def test_broker_cut_decides_offline_and_replays_after_heal(
     harness: Harness, issue: Callable[..., str]
 ) -> None:
