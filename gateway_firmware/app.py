@@ -274,6 +274,7 @@ class Gateway:
         self._present: bool | None = None
         self._last_frame_at: float | None = None
         self._failure_logged: dict[str, float] = {}
+        self._unsent_replies: dict[str, CommandReply] = {}
         self._disputed: set[str] = set()
 
     @property
@@ -544,8 +545,31 @@ class Gateway:
             detail=action.detail,
             at=self.clock.now(),
         )
-        if not await self.uplink.publish_reply(reply):
-            log.info("reply to %s not sent (offline)", action.command_id)
+        await self._send_reply(reply)
+
+    async def _send_reply(self, reply: CommandReply) -> None:
+        if await self.uplink.publish_reply(reply):
+            self._unsent_replies.pop(reply.command_id, None)
+            return
+        # Kept (the same reply id) and sent again once connected: an "expired" is what
+        # makes the service undo an entry or exit the barrier never moved for. Lost, the
+        # driver would stay "already parked" with no stay behind it.
+        log.info("reply to %s not sent (offline); sent again on reconnect", reply.command_id)
+        self._unsent_replies[reply.command_id] = reply
+        while len(self._unsent_replies) > self.lane.command_memory:
+            self._unsent_replies.pop(next(iter(self._unsent_replies)))
+
+    async def resend_replies(self) -> int:
+        """Publish the replies that could not be sent, oldest first; stop at a failure."""
+        sent = 0
+        for reply in list(self._unsent_replies.values()):
+            if not await self.uplink.publish_reply(reply):
+                break
+            self._unsent_replies.pop(reply.command_id, None)
+            sent += 1
+        if sent:
+            log.info("sent %d replies again", sent)
+        return sent
 
     # -- loops -------------------------------------------------------------------------------
     async def _scan_loop(self) -> None:
@@ -731,6 +755,7 @@ class Gateway:
             await self.uplink.reconnected.wait()
             self.uplink.reconnected.clear()
             try:
+                await self.resend_replies()
                 await self.replay()
             except Exception as exc:
                 self._failed("the replay", exc)
@@ -743,6 +768,7 @@ class Gateway:
                 oldest = None
                 continue
             try:
+                await self.resend_replies()
                 pending = [event.event_id for event in self.outbox.pending()]
                 if resend_due(oldest, pending):
                     await self.replay()

@@ -238,6 +238,42 @@ async def test_restart_replays_unanswered_events_with_a_new_boot(
     assert second.server.events[-1].seq == 2  # monotonic across the restart
 
 
+async def test_a_reply_the_link_lost_is_sent_again_once_connected(
+    harness: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate says "expired" to a late open while its link is down: that reply is what
+    makes the service undo the entry, so it goes again (the same reply) after the
+    reconnect instead of being dropped."""
+    h = harness
+    h.server.silent = True
+    h.camera.push_code(issue())
+    await eventually(lambda: len(h.server.events) == 1)
+    event = h.server.events[0]
+    real_publish = h.gateway.uplink.publish_reply
+    attempts: list[str] = []
+
+    async def offline_once(reply: Any) -> bool:
+        attempts.append(reply.reply_id)
+        if len(attempts) == 1:
+            return False  # the link was down at that moment
+        return await real_publish(reply)
+
+    monkeypatch.setattr(h.gateway.uplink, "publish_reply", offline_once)
+    stale = h.server.command(event_id=event.event_id, deadline=h.clock.now() - timedelta(seconds=1))
+    await h.server.send(encode(stale))
+    await eventually(lambda: len(attempts) == 1, what="the reply tried")
+    await _ticks(h)
+    assert h.server.replies == []
+    await h.broker.cut(h.client_id)
+    await h.broker.heal(h.client_id)
+    await eventually(lambda: len(h.server.replies) == 1, what="the reply sent again")
+    (reply,) = h.server.replies
+    assert (reply.command_id, reply.outcome) == (stale.command_id, CommandOutcome.EXPIRED)
+    assert reply.reply_id == attempts[0]  # the same reply: the service keeps it once
+    await _ticks(h)
+    assert len(h.server.replies) == 1
+
+
 async def test_malformed_and_stray_messages_are_counted_and_dropped(
     harness: Harness, issue: Callable[..., str]
 ) -> None:
