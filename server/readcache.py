@@ -233,6 +233,8 @@ class TokenCache:
         self._clock = clock
         self._entries: dict[str, tuple[float, CachedToken]] = {}
         self._epoch = 0
+        self.loading: dict[str, asyncio.Future[CachedToken | None]] = {}
+        """Lookups under way, by hash (the event loop's; see ``server.auth.api``)."""
 
     def get(self, token_hash: str) -> CachedToken | None:
         found = self._entries.get(token_hash)

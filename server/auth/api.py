@@ -20,6 +20,7 @@ account by a token bucket.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -124,10 +125,30 @@ async def _live_token(central: Central, secret: str) -> CachedToken | None:
     cached = central.tokens.get(digest)
     if cached is not None:
         return cached
-    epoch = central.tokens.epoch()
-    found = await run_in_threadpool(_load_token, central, secret)
-    if found is not None:
-        central.tokens.put(digest, found, epoch=epoch)
+    # One database lookup per token at a time: when a busy token's entry expires, the
+    # requests that miss meanwhile wait for that lookup instead of each making its own
+    # (50 connections polling with one token missed together every ttl).
+    loading = central.tokens.loading.get(digest)
+    if loading is not None:
+        await asyncio.wait([loading])
+        if not loading.cancelled() and loading.exception() is None:
+            return loading.result()
+        # That lookup failed or was cancelled with its request: look up on our own.
+    loading = asyncio.get_running_loop().create_future()
+    central.tokens.loading[digest] = loading
+    try:
+        epoch = central.tokens.epoch()
+        found = await run_in_threadpool(_load_token, central, secret)
+        if found is not None:
+            central.tokens.put(digest, found, epoch=epoch)
+    except BaseException:
+        loading.cancel()
+        raise
+    else:
+        loading.set_result(found)
+    finally:
+        if central.tokens.loading.get(digest) is loading:
+            del central.tokens.loading[digest]
     return found
 
 

@@ -519,3 +519,50 @@ async def test_the_cached_lot_read_is_what_the_lots_service_reads(
     )
     missing = await client.get("/api/v1/lots/nope")
     assert (missing.status_code, missing.json()) == (404, {"detail": "lot 'nope' not found"})
+
+
+async def test_requests_missing_the_token_cache_together_share_one_lookup(
+    app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy token's cache entry expires: the requests that miss while its lookup runs
+    wait for that one lookup instead of each querying the database."""
+    from server.auth import api as auth_api
+
+    real = auth_api._load_token
+    lookups: list[str] = []
+
+    def slow_lookup(central: Central, secret: str) -> CachedToken | None:
+        lookups.append(secret)
+        time.sleep(0.05)  # the others arrive meanwhile
+        return real(central, secret)
+
+    monkeypatch.setattr(auth_api, "_load_token", slow_lookup)
+    central_of(app).tokens.clear()
+    responses = await asyncio.gather(*(client.get("/api/v1/lots") for _ in range(10)))
+    assert [r.status_code for r in responses] == [200] * 10
+    assert lookups == [API_TOKEN]
+
+
+async def test_when_the_shared_token_lookup_fails_the_waiting_requests_look_up_themselves(
+    app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.auth import api as auth_api
+
+    real = auth_api._load_token
+    lookups: list[str] = []
+
+    def first_fails(central: Central, secret: str) -> CachedToken | None:
+        lookups.append(secret)
+        time.sleep(0.05)
+        if len(lookups) == 1:
+            raise sa.exc.OperationalError("select", {}, Exception("connection lost"))
+        return real(central, secret)
+
+    monkeypatch.setattr(auth_api, "_load_token", first_fails)
+    central_of(app).tokens.clear()
+    responses = await asyncio.gather(
+        *(client.get("/api/v1/lots") for _ in range(5)), return_exceptions=True
+    )
+    answered = [r for r in responses if isinstance(r, httpx.Response) and r.status_code == 200]
+    assert len(answered) >= 4  # the first request's own lookup failed; the rest were answered
+    assert 2 <= len(lookups) <= 5
