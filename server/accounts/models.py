@@ -54,12 +54,17 @@ class Posting(SQLModel, table=True):
     """One signed line of a transaction; inserted, never updated or deleted."""
 
     __tablename__ = "ledger_postings"
+    __table_args__ = (
+        # Covers a balance (the sum of an account's postings by currency): summed from the
+        # index alone, not row by row from the table.
+        sa.Index("ix_ledger_postings_balance", "ledger_account", "currency", "amount_minor"),
+    )
 
     posting_id: int | None = Field(default=None, primary_key=True)
     transaction_id: str = Field(
         max_length=64, foreign_key="ledger_transactions.transaction_id", index=True
     )
-    ledger_account: str = Field(max_length=100, index=True)
+    ledger_account: str = Field(max_length=100)
     amount_minor: int = Field(sa_type=sa.BigInteger)
     currency: str = Field(max_length=3)
 
