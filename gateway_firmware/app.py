@@ -76,6 +76,7 @@ from parking_protocol.messages import (
     GateCommand,
     GatewayState,
     GatewayStatus,
+    OfflineDecision,
     ScanEvent,
     new_id,
 )
@@ -275,6 +276,7 @@ class Gateway:
         self._last_frame_at: float | None = None
         self._failure_logged: dict[str, float] = {}
         self._unsent_replies: dict[str, CommandReply] = {}
+        self._unsaved_offline: dict[str, OfflineDecision] = {}
         self._disputed: set[str] = set()
 
     @property
@@ -440,6 +442,9 @@ class Gateway:
                     try:
                         self.outbox.set_offline(event_id, decision)
                     except Exception as exc:  # the disk: the barrier still does what was decided
+                        # Kept here, written again at the next resend round, and attached
+                        # to the event meanwhile: the service must learn what the barrier did.
+                        self._unsaved_offline[event_id] = decision
                         self._stats.last_error = f"outbox: {exc}"
                         log.exception("recording the offline decision for %s failed", event_id)
                     log.info(
@@ -649,13 +654,14 @@ class Gateway:
         match message:
             case GateCommand():
                 self._stats.commands_received += 1
-                pending = self.outbox.get(message.event_id) if message.event_id else None
+                pending = self._pending(message.event_id) if message.event_id else None
                 unanswered = pending is not None and pending.offline is None
                 decided = self._answered(message) if message.event_id is not None else None
                 self.feed(CommandReceived(message, decided_offline=decided, unanswered=unanswered))
             case EventAck():
                 self._stats.acks += 1
                 self._disputed.discard(message.event_id)
+                self._unsaved_offline.pop(message.event_id, None)
                 self.outbox.remove(message.event_id)
             case DenyList():
                 self._stats.denylist_updates += 1
@@ -673,7 +679,7 @@ class Gateway:
         if it did."""
         event_id = command.event_id
         assert event_id is not None
-        pending = self.outbox.get(event_id)
+        pending = self._pending(event_id)
         offline = pending.offline if pending is not None else None
         decided = offline.action if offline is not None else None
         if pending is not None and offline is not None and offline.action is not command.action:
@@ -703,8 +709,30 @@ class Gateway:
                 )
             return decided
         self._disputed.discard(event_id)
+        self._unsaved_offline.pop(event_id, None)
         self.outbox.remove(event_id)
         return decided
+
+    def _pending(self, event_id: str) -> ScanEvent | None:
+        """The unanswered event from the outbox, with an offline decision the disk could
+        not take attached."""
+        return self._with_unsaved(self.outbox.get(event_id))
+
+    def _with_unsaved(self, event: ScanEvent | None) -> ScanEvent | None:
+        if event is None or event.offline is not None:
+            return event
+        decision = self._unsaved_offline.get(event.event_id)
+        return event if decision is None else event.model_copy(update={"offline": decision})
+
+    def _save_unsaved_offline(self) -> None:
+        """Write the offline decisions the disk refused earlier (kept in memory till then)."""
+        for event_id, decision in list(self._unsaved_offline.items()):
+            try:
+                self.outbox.set_offline(event_id, decision)
+            except Exception as exc:
+                self._stats.last_error = f"outbox: {exc}"
+                return  # the disk still fails: again next round
+            del self._unsaved_offline[event_id]
 
     async def _resend(self, event: ScanEvent) -> None:
         if await self.uplink.publish_event(event):
@@ -756,6 +784,9 @@ class Gateway:
             self.uplink.reconnected.clear()
             try:
                 await self.resend_replies()
+            except Exception as exc:
+                self._failed("sending replies again", exc)
+            try:
                 await self.replay()
             except Exception as exc:
                 self._failed("the replay", exc)
@@ -769,6 +800,9 @@ class Gateway:
                 continue
             try:
                 await self.resend_replies()
+            except Exception as exc:
+                self._failed("sending replies again", exc)
+            try:
                 pending = [event.event_id for event in self.outbox.pending()]
                 if resend_due(oldest, pending):
                     await self.replay()
@@ -779,10 +813,13 @@ class Gateway:
 
     async def replay(self) -> int:
         """Publish every unanswered event in order; stop at the first failure."""
+        self._save_unsaved_offline()
         sent = 0
-        for event in self.outbox.pending():
-            if self.lane.awaiting_event_id == event.event_id:
+        for stored in self.outbox.pending():
+            if self.lane.awaiting_event_id == stored.event_id:
                 continue  # just published live; its answer is on its way
+            event = self._with_unsaved(stored)
+            assert event is not None
             if not await self.uplink.publish_event(event):
                 break
             self.outbox.mark_published(event.event_id)

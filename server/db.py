@@ -100,11 +100,16 @@ def alembic_config(connection: sa.Connection | None = None) -> Config:
 
 
 def upgrade(database: str | Engine, revision: str = "heads") -> None:
-    """Run ``alembic upgrade heads`` on ``database`` (a URL or an engine)."""
+    """Run ``alembic upgrade heads`` on ``database`` (a URL or an engine).
+
+    The migrations' environment (``server/migrations/env.py``) begins and commits their
+    transaction itself, so a migration may step out of it (``autocommit_block``: an index
+    built ``CONCURRENTLY`` on PostgreSQL)."""
     engine = make_engine(database) if isinstance(database, str) else database
     try:
-        with engine.begin() as connection:
+        with engine.connect() as connection:
             command.upgrade(alembic_config(connection), revision)
+            connection.commit()
     finally:
         if isinstance(database, str):
             engine.dispose()

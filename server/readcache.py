@@ -233,8 +233,9 @@ class TokenCache:
         self._clock = clock
         self._entries: dict[str, tuple[float, CachedToken]] = {}
         self._epoch = 0
-        self.loading: dict[str, asyncio.Future[CachedToken | None]] = {}
-        """Lookups under way, by hash (the event loop's; see ``server.auth.api``)."""
+        self.loading: dict[str, tuple[asyncio.Future[CachedToken | None], int]] = {}
+        """Lookups under way by hash, with the epoch each began in (the event loop's; see
+        ``server.auth.api``)."""
 
     def get(self, token_hash: str) -> CachedToken | None:
         found = self._entries.get(token_hash)
@@ -256,6 +257,8 @@ class TokenCache:
     def clear(self) -> None:
         self._epoch += 1
         self._entries.clear()
+        # A lookup under way began before this clear: the epoch it began in keeps the
+        # requests waiting for it from taking its answer (``server.auth.api``).
 
 
 class ForgetOnWrite:

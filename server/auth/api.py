@@ -128,16 +128,22 @@ async def _live_token(central: Central, secret: str) -> CachedToken | None:
     # One database lookup per token at a time: when a busy token's entry expires, the
     # requests that miss meanwhile wait for that lookup instead of each making its own
     # (50 connections polling with one token missed together every ttl).
-    loading = central.tokens.loading.get(digest)
-    if loading is not None:
-        await asyncio.wait([loading])
-        if not loading.cancelled() and loading.exception() is None:
-            return loading.result()
-        # That lookup failed or was cancelled with its request: look up on our own.
-    loading = asyncio.get_running_loop().create_future()
-    central.tokens.loading[digest] = loading
+    shared = central.tokens.loading.get(digest)
+    if shared is not None:
+        waited, began = shared
+        await asyncio.wait([waited])
+        if (
+            not waited.cancelled()
+            and waited.exception() is None
+            and central.tokens.epoch() == began
+        ):
+            return waited.result()
+        # That lookup failed, was cancelled with its request, or began before a revocation
+        # (the cache was cleared since): look up on our own.
+    loading: asyncio.Future[CachedToken | None] = asyncio.get_running_loop().create_future()
+    epoch = central.tokens.epoch()
+    central.tokens.loading[digest] = (loading, epoch)
     try:
-        epoch = central.tokens.epoch()
         found = await run_in_threadpool(_load_token, central, secret)
         if found is not None:
             central.tokens.put(digest, found, epoch=epoch)
@@ -147,7 +153,8 @@ async def _live_token(central: Central, secret: str) -> CachedToken | None:
     else:
         loading.set_result(found)
     finally:
-        if central.tokens.loading.get(digest) is loading:
+        current = central.tokens.loading.get(digest)
+        if current is not None and current[0] is loading:
             del central.tokens.loading[digest]
     return found
 

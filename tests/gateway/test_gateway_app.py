@@ -143,6 +143,39 @@ async def test_a_failing_disk_for_an_offline_decision_still_moves_the_barrier(
     assert h.gateway.stats.last_error == "outbox: I/O error"
 
 
+async def test_an_offline_decision_the_disk_refused_still_reaches_the_service(
+    harness: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The barrier opened on the lane's own decision but the outbox could not record it:
+    the replay still carries the decision, and it is written once the disk works again."""
+    h = harness
+    h.server.silent = True
+    real_set_offline = h.gateway.outbox.set_offline
+    disk_ok = False
+
+    def failing_until_fixed(*args: Any, **kwargs: Any) -> Any:
+        if not disk_ok:
+            raise OSError("I/O error")
+        return real_set_offline(*args, **kwargs)
+
+    monkeypatch.setattr(h.gateway.outbox, "set_offline", failing_until_fixed)
+    h.camera.push_code(issue())
+    await eventually(lambda: len(h.server.events) == 1)
+    h.clock.advance(timedelta(seconds=h.settings.timeouts.decision_timeout_s))
+    await eventually(lambda: h.gate.is_open, what="offline open")
+    await h.gateway.replay()
+    await eventually(lambda: len(h.server.events) == 2, what="the replay")
+    replayed = h.server.events[-1]
+    assert replayed.event_id == h.server.events[0].event_id
+    assert replayed.offline is not None and replayed.offline.action is GateAction.OPEN
+    (stored,) = h.gateway.outbox.pending()
+    assert stored.offline is None  # not on disk yet
+    disk_ok = True
+    await h.gateway.replay()
+    (stored,) = h.gateway.outbox.pending()
+    assert stored.offline is not None and stored.offline.action is GateAction.OPEN
+
+
 async def test_a_failing_round_of_the_tick_does_not_end_it(
     harness: Harness, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -41,3 +41,32 @@ def test_sqlite_gets_wal_and_normal_sync(sqlite_url: str) -> None:
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 10000
     finally:
         engine.dispose()
+
+
+@pytest.mark.usefixtures("database_url")
+def test_the_covering_indexes_go_down_and_up_again(database_url: str) -> None:
+    """0009 replaces two single-column indexes (concurrently on PostgreSQL): its downgrade
+    brings them back, and upgrading again matches the models."""
+    from alembic import command
+
+    from server.db import alembic_config
+
+    upgrade(database_url)
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            command.downgrade(alembic_config(conn), "0008_processed_command_id")
+            conn.commit()
+        with engine.connect() as conn:
+            names = {ix["name"] for ix in sa.inspect(conn).get_indexes("parking_sessions")}
+            assert "ix_parking_sessions_account_id" in names
+            assert "ix_parking_sessions_account_state" not in names
+            names = {ix["name"] for ix in sa.inspect(conn).get_indexes("ledger_postings")}
+            assert names >= {"ix_ledger_postings_ledger_account"}
+            assert "ix_ledger_postings_balance" not in names
+        upgrade(engine)
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            assert compare_metadata(context, metadata()) == []
+    finally:
+        engine.dispose()

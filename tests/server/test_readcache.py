@@ -566,3 +566,33 @@ async def test_when_the_shared_token_lookup_fails_the_waiting_requests_look_up_t
     answered = [r for r in responses if isinstance(r, httpx.Response) and r.status_code == 200]
     assert len(answered) >= 4  # the first request's own lookup failed; the rest were answered
     assert 2 <= len(lookups) <= 5
+
+
+async def test_a_request_after_a_revocation_does_not_take_a_lookup_that_began_before_it(
+    app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup starts while the token is live; the token is revoked (this process clears
+    its token cache); a request arriving then must not be let in by that lookup's answer."""
+    from server.auth import api as auth_api
+
+    real = auth_api._load_token
+    lookups: list[str] = []
+
+    def live_then_revoked(central: Central, secret: str) -> CachedToken | None:
+        lookups.append(secret)
+        if len(lookups) == 1:
+            time.sleep(0.1)  # began before the revocation, answers after it
+            return real(central, secret)
+        return None  # revoked
+
+    monkeypatch.setattr(auth_api, "_load_token", live_then_revoked)
+    central = central_of(app)
+    central.tokens.clear()
+    first = asyncio.create_task(client.get("/api/v1/lots"))
+    while not lookups:  # noqa: ASYNC110 - waits for the first lookup to begin
+        await asyncio.sleep(0.005)
+    central.tokens.clear()  # what a revocation's commit does in this process
+    after = await client.get("/api/v1/lots")
+    assert after.status_code == 401, after.text
+    assert (await first).status_code == 200  # its own lookup began before the revocation
+    assert len(lookups) == 2
