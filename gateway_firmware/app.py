@@ -439,14 +439,11 @@ class Gateway:
                     self._spawn(self._publish_new(event))
                 case RecordOffline(event_id, decision):
                     self._stats.offline_decisions += 1
-                    try:
-                        self.outbox.set_offline(event_id, decision)
-                    except Exception as exc:  # the disk: the barrier still does what was decided
-                        # Kept here, written again at the next resend round, and attached
-                        # to the event meanwhile: the service must learn what the barrier did.
-                        self._unsaved_offline[event_id] = decision
-                        self._stats.last_error = f"outbox: {exc}"
-                        log.exception("recording the offline decision for %s failed", event_id)
+                    # Written now; if the disk refuses, kept in memory, attached to the
+                    # event's replays and written at the next round. The barrier still
+                    # does what was decided, and the service must learn what it did.
+                    self._unsaved_offline[event_id] = decision
+                    self._save_unsaved_offline()
                     log.info(
                         "offline decision for %s: %s (%s)",
                         event_id,
@@ -565,13 +562,17 @@ class Gateway:
             self._unsent_replies.pop(next(iter(self._unsent_replies)))
 
     async def resend_replies(self) -> int:
-        """Publish the replies that could not be sent, oldest first; stop at a failure."""
+        """Publish the replies that could not be sent, oldest first; stop at a failure
+        (never raises: the event replay after it must go on)."""
         sent = 0
-        for reply in list(self._unsent_replies.values()):
-            if not await self.uplink.publish_reply(reply):
-                break
-            self._unsent_replies.pop(reply.command_id, None)
-            sent += 1
+        try:
+            for reply in list(self._unsent_replies.values()):
+                if not await self.uplink.publish_reply(reply):
+                    break
+                self._unsent_replies.pop(reply.command_id, None)
+                sent += 1
+        except Exception as exc:
+            self._failed("sending replies again", exc)
         if sent:
             log.info("sent %d replies again", sent)
         return sent
@@ -716,21 +717,23 @@ class Gateway:
     def _pending(self, event_id: str) -> ScanEvent | None:
         """The unanswered event from the outbox, with an offline decision the disk could
         not take attached."""
-        return self._with_unsaved(self.outbox.get(event_id))
+        event = self.outbox.get(event_id)
+        return None if event is None else self._with_unsaved(event)
 
-    def _with_unsaved(self, event: ScanEvent | None) -> ScanEvent | None:
-        if event is None or event.offline is not None:
-            return event
+    def _with_unsaved(self, event: ScanEvent) -> ScanEvent:
         decision = self._unsaved_offline.get(event.event_id)
-        return event if decision is None else event.model_copy(update={"offline": decision})
+        if decision is None or event.offline is not None:
+            return event
+        return event.model_copy(update={"offline": decision})
 
     def _save_unsaved_offline(self) -> None:
-        """Write the offline decisions the disk refused earlier (kept in memory till then)."""
+        """Write the offline decisions not on disk yet; what the disk refuses stays kept."""
         for event_id, decision in list(self._unsaved_offline.items()):
             try:
                 self.outbox.set_offline(event_id, decision)
             except Exception as exc:
                 self._stats.last_error = f"outbox: {exc}"
+                self._log_limited(f"recording the offline decision for {event_id}", exc)
                 return  # the disk still fails: again next round
             del self._unsaved_offline[event_id]
 
@@ -765,9 +768,14 @@ class Gateway:
         without the resend loop, no codes read without the scan loop."""
         self._stats.handler_errors += 1
         self._stats.last_error = f"{what}: {exc}"
+        self._log_limited(what, exc)
+
+    def _log_limited(self, what: str, exc: Exception) -> None:
+        """Log ``what`` failed with its traceback: the first time, then once a minute."""
+        kind = what.split(" for ", 1)[0]
         now = time.monotonic()
-        if now - self._failure_logged.get(what, -math.inf) >= 60:
-            self._failure_logged[what] = now
+        if now - self._failure_logged.get(kind, -math.inf) >= 60:
+            self._failure_logged[kind] = now
             log.error("%s failed; going on", what, exc_info=exc)
 
     async def _tick_loop(self) -> None:
@@ -782,10 +790,7 @@ class Gateway:
         while True:
             await self.uplink.reconnected.wait()
             self.uplink.reconnected.clear()
-            try:
-                await self.resend_replies()
-            except Exception as exc:
-                self._failed("sending replies again", exc)
+            await self.resend_replies()
             try:
                 await self.replay()
             except Exception as exc:
@@ -798,10 +803,7 @@ class Gateway:
             if not self.uplink.connected:
                 oldest = None
                 continue
-            try:
-                await self.resend_replies()
-            except Exception as exc:
-                self._failed("sending replies again", exc)
+            await self.resend_replies()
             try:
                 pending = [event.event_id for event in self.outbox.pending()]
                 if resend_due(oldest, pending):
@@ -819,7 +821,6 @@ class Gateway:
             if self.lane.awaiting_event_id == stored.event_id:
                 continue  # just published live; its answer is on its way
             event = self._with_unsaved(stored)
-            assert event is not None
             if not await self.uplink.publish_event(event):
                 break
             self.outbox.mark_published(event.event_id)
