@@ -1,7 +1,7 @@
 """The qrpark wire contract: topics, messages, the dynamic QR code, clocks and transports.
 
 This package is shared by the central service, the gateway firmware and the simulator, and
-depends only on pydantic and cryptography (``parking_protocol.mqtt`` adds aiomqtt).
+depends only on pydantic and cryptography (``parking_protocol.mqtt`` adds mqtt5).
 """
 
 from parking_protocol.clock import Clock, FakeClock, SystemClock

@@ -1,9 +1,10 @@
 """The MQTT transport interface both sides code against, and an in-memory broker.
 
-Real deployments use :class:`parking_protocol.mqtt.MqttTransport` (Mosquitto through
-aiomqtt). Unit tests and the seeded deterministic simulation use :class:`InMemoryBroker`,
-which implements the parts of MQTT this system relies on: ``+``/``#`` wildcards, retained
-messages, last wills, ``$share/`` groups, and cutting a client off (a partition).
+Real deployments use :class:`parking_protocol.mqtt.MqttTransport` (MQTT 5 to Mosquitto,
+asyncio with the ``mqtt5`` codec). Unit tests and the seeded deterministic simulation use
+:class:`InMemoryBroker`, which implements the parts of MQTT this system relies on:
+``+``/``#`` wildcards, retained messages, last wills, ``$share/`` groups, and cutting a
+client off (a partition).
 
 >>> import asyncio
 >>> async def demo() -> bytes:

@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
@@ -107,9 +106,9 @@ async def test_mqtt_transport_round_trip_and_tcp_nodelay(mosquitto: MosquittoPro
     try:
         assert await a.wait_connected(5)
         assert await b.wait_connected(5)
-        sock = a._client._client.socket()  # type: ignore[union-attr]
-        assert isinstance(sock, socket.socket)
-        assert a._client.timeout == 10  # type: ignore[union-attr] # operations, not connect
+        assert a._link is not None and a._link.transport is not None
+        sock = a._link.transport.get_extra_info("socket")
+        assert a.timeout == 10  # operations, not connect
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         messages = b.messages()
         await a.publish("qt/x", b"hello")
@@ -166,6 +165,7 @@ class _Front:
         self.first = asyncio.Event()
         self.third = asyncio.Event()
         self._held: list[asyncio.StreamWriter] = []
+        self.readers: list[asyncio.StreamReader] = []
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> _Front:
@@ -192,6 +192,7 @@ class _Front:
             self.third.set()
         if self.hold:
             self._held.append(writer)  # a broker that never answers CONNECT
+            self.readers.append(reader)
             return
         writer.close()  # a front with no broker behind it
 
@@ -259,28 +260,20 @@ async def test_mqtt_connect_times_out_and_widens_the_backoff_to_the_attempt() ->
 
 async def test_closing_while_the_broker_never_answers_leaves_no_socket_or_task() -> None:
     """A gateway stopped while its link hangs (connected, no CONNACK): nothing of the
-    attempt may outlive the close, or paho closes the socket from ``__del__`` after the
-    event loop is gone."""
+    attempt may outlive the close (a socket closed after the event loop is gone warns)."""
     async with _Front(hold=True) as front:
         transport = MqttTransport(
             parse_broker_url(f"127.0.0.1:{front.port}"), "t-hung", connect_timeout=30
         )
-        made: list[Any] = []
-        make = transport._make_client
-
-        def recording() -> Any:
-            made.append(make())
-            return made[-1]
-
-        transport._make_client = recording  # type: ignore[method-assign]
         await transport.start()
         await asyncio.wait_for(_accepted(front), 5)
-        [client] = made
-        assert client._client.socket() is not None
+        [reader] = front.readers
         await transport.close()
-        await asyncio.sleep(0.01)  # the housekeeping task's cancellation runs
-        assert client._client.socket() is None
-        leftover = [t for t in asyncio.all_tasks() if "_misc_loop" in repr(t.get_coro())]
+        # The broker's side sees the CONNECT, then the end of the stream.
+        received = await asyncio.wait_for(reader.read(), 2)
+        assert received.startswith(b"\x10")  # CONNECT
+        assert reader.at_eof()
+        leftover = [t for t in asyncio.all_tasks() if t.get_name().startswith("mqtt:")]
         assert leftover == []
 
 
@@ -394,74 +387,3 @@ async def test_in_memory_faults_drop_deliveries_after_the_publish_succeeded() ->
     faults.drop = 1.0
     await publisher.publish("x/last", b"m")
     assert a._queue.qsize() + b._queue.qsize() == received
-
-
-class _StubPaho:
-    """What ``_Client``'s socket hooks use of a paho client: its socket and two loops."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock: socket.socket | None = sock
-        self.calls: list[str] = []
-
-    def socket(self) -> socket.socket | None:
-        return self.sock
-
-    def loop_write(self) -> int:
-        self.calls.append("write")
-        return 0
-
-    def loop_read(self) -> int:
-        self.calls.append("read")
-        return 0
-
-
-@pytest.mark.parametrize("hook", ["register_write", "open"])
-async def test_a_hook_for_a_socket_closed_meanwhile_leaves_the_next_socket_alone(
-    hook: str,
-) -> None:
-    """paho asks for a reader or writer; before the loop gets to it, the socket closes (a
-    broker killed mid-traffic) and the next connection's socket gets its number. That
-    socket must not be served by the dead client's loop (nor fail with EBADF)."""
-    from parking_protocol.mqtt import _Client
-
-    client = _Client("127.0.0.1", 1, identifier="stale-hooks")
-    old, old_peer = socket.socketpair()
-    stub = _StubPaho(old)
-    getattr(client, f"_on_socket_{hook}")(stub, None, old)
-    number = old.fileno()
-    stub.sock = None  # paho forgets a socket as it closes it
-    old.close()
-    old_peer.close()
-    new, new_peer = socket.socketpair()
-    try:
-        assert new.fileno() == number or new_peer.fileno() == number, "number not reused"
-        new_peer.send(b"x")  # readable and writable: a hook registered on it would run
-        new.send(b"x")
-        await asyncio.sleep(0.05)
-        assert stub.calls == []
-    finally:
-        new.close()
-        new_peer.close()
-
-
-async def test_hooks_for_the_live_socket_serve_it() -> None:
-    from parking_protocol.mqtt import _Client
-
-    client = _Client("127.0.0.1", 1, identifier="live-hooks")
-    sock, peer = socket.socketpair()
-    sock.setblocking(False)
-    stub = _StubPaho(sock)
-    loop = asyncio.get_running_loop()
-    try:
-        client._on_socket_open(stub, None, sock)  # type: ignore[arg-type]
-        client._on_socket_register_write(stub, None, sock)  # type: ignore[arg-type]
-        peer.send(b"x")
-        await asyncio.sleep(0.05)
-        assert "read" in stub.calls and "write" in stub.calls
-    finally:
-        loop.remove_reader(sock.fileno())
-        loop.remove_writer(sock.fileno())
-        if client._misc_task is not None:
-            client._misc_task.cancel()
-        sock.close()
-        peer.close()

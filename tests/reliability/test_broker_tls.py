@@ -353,11 +353,6 @@ async def test_a_client_without_a_certificate_from_the_broker_ca_is_refused(
         await client.close()
 
 
-# paho-mqtt 2.2's Client._ssl_wrap_socket does not close the socket when do_handshake()
-# raises (here: the broker's certificate fails verification); the garbage collector does.
-@pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <ssl.SSLSocket:pytest.PytestUnraisableExceptionWarning"
-)
 async def test_the_gateway_refuses_a_broker_its_ca_did_not_sign(
     broker: TlsBroker, tmp_path: Path
 ) -> None:

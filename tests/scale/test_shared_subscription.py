@@ -16,7 +16,8 @@ balanced, every wallet = top-up - charges, no dead letter; per gate, events deci
 the loser of that race sends the winner's stored reply.
 
 Which process handled an event is read from the outside: each process is started with the
-MQTT client library's packet log switched on (logger ``mqtt`` at DEBUG), and every
+MQTT transport's packet log switched on (logger ``parking_protocol.mqtt.packets`` at
+DEBUG), and every
 ``Received PUBLISH ... /events`` line in its log is one event the broker gave it.
 """
 
@@ -66,10 +67,10 @@ START_BALANCE = 1_000_000
 RETRY_S = 5.0  # an unanswered event is published again (gateway decision timeout + margin)
 ANSWER_DEADLINE_S = 30.0
 
-# Started instead of ``python -m server`` only to switch the MQTT packet log on (aiomqtt
-# sets its logger to WARNING when imported, so it is imported first).
+# Started instead of ``python -m server`` only to switch the MQTT packet log on.
 LAUNCH = (
-    "import logging, sys, aiomqtt; logging.getLogger('mqtt').setLevel(logging.DEBUG); "
+    "import logging, sys; "
+    "logging.getLogger('parking_protocol.mqtt.packets').setLevel(logging.DEBUG); "
     "from server.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 
