@@ -29,9 +29,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import queue
 import re
 import secrets
-from collections.abc import Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -49,6 +53,7 @@ __all__ = [
     "MAX_LIFETIME",
     "CodeClaims",
     "CodeRejected",
+    "SignatureChecker",
     "issue_code",
     "load_public_key",
     "parse_code",
@@ -158,18 +163,25 @@ def parse_code(code: str) -> CodeClaims:
     )
 
 
+Proven = Callable[[str, bytes], bool]
+"""``proven(code, public_key_bytes)``: whether that code's signature was already checked
+under that key (and found good), e.g. by a :class:`SignatureChecker`."""
+
+
 def verify_code(
     code: str,
     keys: Mapping[str, Ed25519PublicKey],
     *,
     now: datetime,
     skew: timedelta = DEFAULT_SKEW,
+    proven: Proven | None = None,
 ) -> CodeClaims:
     """Check format, key, signature and validity window at ``now``; return the claims.
 
     Raises :class:`CodeRejected` with a distinct reason for each failure. Checks run from
     the cheapest to the signature, and the time window only after the signature, so an
-    attacker learns nothing about timing from a forged code.
+    attacker learns nothing about timing from a forged code. ``proven`` may vouch for the
+    signature (checked ahead, under the same key); everything else is checked here.
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
@@ -177,14 +189,16 @@ def verify_code(
     key = keys.get(claims.kid)
     if key is None:
         raise CodeRejected(CodeRejection.UNKNOWN_KEY, claims.kid)
-    try:
-        # libsodium (PyNaCl) checks an Ed25519 signature in about half the time OpenSSL
-        # (cryptography) takes on the machines measured (docs/scaling.md): at a busy
-        # service it was the largest single cost of an event. Keys and signing stay with
-        # cryptography.
-        crypto_sign_open(claims.signature + claims.signed_part, key.public_bytes_raw())
-    except BadSignatureError:
-        raise CodeRejected(CodeRejection.BAD_SIGNATURE) from None
+    raw = key.public_bytes_raw()
+    if proven is None or not proven(code, raw):
+        try:
+            # libsodium (PyNaCl) checks an Ed25519 signature in about half the time OpenSSL
+            # (cryptography) takes on the machines measured (docs/scaling.md): at a busy
+            # service it was the largest single cost of an event. Keys and signing stay
+            # with cryptography.
+            crypto_sign_open(claims.signature + claims.signed_part, raw)
+        except BadSignatureError:
+            raise CodeRejected(CodeRejection.BAD_SIGNATURE) from None
     if claims.expires_at <= claims.issued_at or (
         claims.expires_at - claims.issued_at > MAX_LIFETIME
     ):
@@ -194,6 +208,72 @@ def verify_code(
     if now - skew >= claims.expires_at:
         raise CodeRejected(CodeRejection.EXPIRED, claims.expires_at.isoformat())
     return claims
+
+
+class SignatureChecker:
+    """Checks codes' signatures ahead of need, on a thread of its own.
+
+    The central service hands it every scanned code as the event arrives (:meth:`submit`,
+    a queue put) and passes :meth:`proven` to :func:`verify_code` when it decides the event,
+    usually a batch later. libsodium releases the GIL while it checks, so the check runs on
+    another core beside the service's database and event-loop threads instead of on the
+    one thread all decisions pass through. What it has not checked in time (or found bad:
+    it keeps only good signatures) :func:`verify_code` checks itself, so it only ever saves
+    work. At most ``capacity`` results wait to be used; the oldest go first.
+    """
+
+    def __init__(self, capacity: int = 20_000) -> None:
+        self.capacity = capacity
+        self.checked = 0
+        self.used = 0
+        self._queue: queue.SimpleQueue[tuple[str, Mapping[str, Ed25519PublicKey]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._good: OrderedDict[tuple[str, bytes], None] = OrderedDict()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="qrpark-signatures", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(5)
+
+    def submit(self, code: str, keys: Mapping[str, Ed25519PublicKey]) -> None:
+        """Check ``code`` soon (ignored while not started)."""
+        if self._thread is not None:
+            self._queue.put((code, keys))
+
+    def proven(self, code: str, public_key: bytes) -> bool:
+        """Whether ``code`` was found signed by ``public_key``; each result is used once."""
+        try:
+            del self._good[code, public_key]
+        except KeyError:
+            return False
+        self.used += 1
+        return True
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            code, keys = item
+            try:
+                claims = parse_code(code)
+                key = keys.get(claims.kid)
+                if key is None:
+                    continue
+                raw = key.public_bytes_raw()
+                crypto_sign_open(claims.signature + claims.signed_part, raw)
+            except (CodeRejected, BadSignatureError, ValueError, TypeError):
+                continue  # verify_code finds it again and says why
+            self.checked += 1
+            self._good[code, raw] = None
+            while len(self._good) > self.capacity:
+                with contextlib.suppress(KeyError):
+                    self._good.popitem(last=False)
 
 
 def public_key_text(key: Ed25519PublicKey) -> str:

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from parking_protocol.clock import Clock, SystemClock
-from parking_protocol.qr_token import issue_code
+from parking_protocol.qr_token import SignatureChecker, issue_code
 from parking_protocol.transport import Transport
 from server import db as database
 from server.accounts import service as accounts
@@ -73,10 +73,13 @@ class Central:
         self.clock = clock
         self.transport = transport
         self._owns_engine = owns_engine
+        self.signatures = SignatureChecker()
+        """Checks scanned codes' signatures ahead on its own thread (started with MQTT)."""
         self.flow_config = FlowConfig(
             keys=keys.public_keys(),
             skew=timedelta(seconds=settings.clock_skew_s),
             command_ttl=timedelta(seconds=settings.command_ttl_s),
+            signatures=self.signatures,
         )
         self.bridge: Bridge | None = None
         self.batch_listeners: list[BatchListener] = []  # e.g. the panel's live feed
@@ -111,6 +114,7 @@ class Central:
         if self.settings.auto_migrate:
             await asyncio.to_thread(database.upgrade, self.engine)
         if self.transport is not None and self.bridge is not None:
+            self.signatures.start()
             await self.bridge.start()
             await self.transport.start()
         self.started = True
@@ -123,6 +127,7 @@ class Central:
             await self.bridge.stop()
         if self.transport is not None:
             await self.transport.close()
+        self.signatures.stop()
         if self._owns_engine:
             self.engine.dispose()
         self.started = False

@@ -256,9 +256,12 @@ class Bridge:
             )
 
     async def _consume(self) -> None:
+        signatures = self.config.signatures
         async for message in self.transport.messages():
             inbound = self.accept(message)
             if inbound is not None:
+                if signatures is not None and isinstance(inbound.message, ScanEvent):
+                    signatures.submit(inbound.message.code, self.config.keys)
                 self._pending += 1
                 self._idle.clear()
                 await self._queue.put(inbound)

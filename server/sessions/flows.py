@@ -26,7 +26,7 @@ from parking_protocol.messages import (
     encode,
     new_id,
 )
-from parking_protocol.qr_token import CodeClaims, CodeRejected, verify_code
+from parking_protocol.qr_token import CodeClaims, CodeRejected, SignatureChecker, verify_code
 from parking_protocol.topics import TopicKind, TopicRef, gate_topic
 from parking_protocol.types import DENY_TEXT, Direction, GateAction, Money, Reason
 from server.accounts import service as accounts
@@ -67,6 +67,8 @@ class FlowConfig:
     command_ttl: timedelta = timedelta(seconds=10)
     payments: PaymentProviders = field(default_factory=PaymentProviders)
     max_event_age: timedelta = timedelta(minutes=15)
+    signatures: SignatureChecker | None = None
+    """Checks the codes' signatures ahead, as events arrive (the bridge submits them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +288,8 @@ def _gate_check(db: Session, event: ScanEvent, ref: TopicRef) -> tuple[Lot, Dire
 
 def _verify(event: ScanEvent, at: datetime, config: FlowConfig) -> CodeClaims | Reason:
     try:
-        return verify_code(event.code, config.keys, now=at, skew=config.skew)
+        proven = config.signatures.proven if config.signatures is not None else None
+        return verify_code(event.code, config.keys, now=at, skew=config.skew, proven=proven)
     except CodeRejected as exc:
         return Reason.from_rejection(exc.reason)
 

@@ -3,6 +3,7 @@ and PostgreSQL: decisions, charging, idempotency, replays, offline reconcile, de
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -70,6 +71,20 @@ async def test_entry_opens_a_session_and_the_gate(world: World) -> None:
     assert parking.session_id == command.session_id
     assert parking.entered_at == world.clock.now()
     assert world.central.get_lot("lot1").occupancy.open_sessions == 1
+
+
+async def test_the_service_checks_each_scanned_codes_signature_ahead(world: World) -> None:
+    """The bridge hands every scanned code to the signature checker's thread as it arrives
+    (it decides the event with that result, or checks the code itself if it came first)."""
+    command = await world.entry.scan(world.code())
+    assert command.action is GateAction.OPEN
+    checker = world.central.signatures
+    for _ in range(500):
+        if checker.checked == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert checker.checked == 1
+    assert checker.used + len(checker._good) == 1  # used by the decision, or left over
 
 
 async def test_exit_two_hours_later_charges_exactly_the_price(world: World) -> None:
