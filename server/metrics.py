@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Iterator, Sequence
 
@@ -171,12 +172,15 @@ class Metrics:
         for event in events:
             if event.offline is None:
                 self.latency.observe(max(0.0, (now - event.scanned_at).total_seconds()))
+        counted: collections.Counter[tuple[str, str, str]] = collections.Counter()
         for reply in replies:
             message = reply.message
             if isinstance(message, GateCommand):
-                self.decisions.labels("command", message.action.value, message.reason.value).inc()
+                counted["command", message.action.value, message.reason.value] += 1
             elif isinstance(message, EventAck):
-                self.decisions.labels("ack", "none", message.result.value).inc()
+                counted["ack", "none", message.result.value] += 1
+        for labels, count in counted.items():  # one labelled child per kind, not per reply
+            self.decisions.labels(*labels).inc(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -89,13 +89,22 @@ class EventHub:
     def on_batch(self, batch: Sequence[Inbound], replies: Sequence[Reply]) -> None:
         """The bridge's hook: one feed event per decided scan (redeliveries are not new)."""
         answers = {r.message.event_id: r for r in replies if not r.replayed}
+        decided = [
+            (item.message, reply)
+            for item in batch
+            if isinstance(item.message, ScanEvent)
+            and (reply := answers.get(item.message.event_id)) is not None
+        ]
+        keep = self._recent.maxlen
+        if not self._subscribers and keep is not None and len(decided) > keep:
+            # Nobody is watching: build only what the short memory keeps (a busy service's
+            # batches hold hundreds of scans).
+            del decided[:-keep]
+        for event, reply in decided:
+            self.publish(feed_event(event, reply.message))
         for item in batch:
             message = item.message
-            if isinstance(message, ScanEvent):
-                reply = answers.get(message.event_id)
-                if reply is not None:
-                    self.publish(feed_event(message, reply.message))
-            elif isinstance(message, GatewayStatus):
+            if isinstance(message, GatewayStatus):
                 with contextlib.suppress(asyncio.QueueFull):
                     self.status_changes.put_nowait(message)
                 self.publish(

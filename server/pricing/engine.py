@@ -24,6 +24,7 @@ minor units. The line items always sum to the amount, caps appearing as negative
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
@@ -176,6 +177,21 @@ class Quote:
     amount: Money
     duration: timedelta
     line_items: tuple[LineItem, ...]
+
+    def line_items_json(self) -> str:
+        """The line items as stored with a stay: ``[{"description", "quantity",
+        "amount_minor"}, ...]`` (``dataclasses.asdict`` made the same, at several times the
+        cost on a busy service's hot path)."""
+        return json.dumps(
+            [
+                {
+                    "description": item.description,
+                    "quantity": item.quantity,
+                    "amount_minor": item.amount_minor,
+                }
+                for item in self.line_items
+            ]
+        )
 
 
 @lru_cache(maxsize=256)

@@ -31,10 +31,9 @@ nothing).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -663,7 +662,7 @@ class _Run:
             "currency": price.quote.amount.currency,
             "settlement": settlement,
             "charge_transaction_id": transaction_id,
-            "quote_json": json.dumps([asdict(item) for item in price.quote.line_items]),
+            "quote_json": price.quote.line_items_json(),
             "tariff_version": version.version,
             "payment_method": method,
         }

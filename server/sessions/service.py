@@ -4,7 +4,6 @@ offline scans and reconciliation flags."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
@@ -151,7 +150,7 @@ def close_session(
     parking.charge_transaction_id = charge_transaction_id
     parking.tariff_version = tariff_version
     parking.payment_method = payment_method
-    parking.quote_json = json.dumps([asdict(item) for item in quote.line_items])
+    parking.quote_json = quote.line_items_json()
     db.add(parking)
     db.flush()
     return parking

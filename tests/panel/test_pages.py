@@ -10,11 +10,20 @@ from fastapi import FastAPI
 from panel_support import central_of, signed_in
 
 from parking_protocol.clock import FakeClock
-from parking_protocol.messages import GatewayState, GatewayStatus, ScanEvent, encode, new_id
-from parking_protocol.topics import TopicKind, gate_topic
+from parking_protocol.messages import (
+    GateCommand,
+    GatewayState,
+    GatewayStatus,
+    ScanEvent,
+    encode,
+    new_id,
+)
+from parking_protocol.topics import TopicKind, gate_topic, parse_topic
 from parking_protocol.transport import InMemoryBroker
-from parking_protocol.types import Direction
+from parking_protocol.types import Direction, GateAction, Reason
+from server.mqtt.bridge import Inbound
 from server.panel.live import EventHub
+from server.sessions.flows import Reply
 
 
 async def scan(
@@ -187,3 +196,52 @@ async def test_the_hub_drops_old_events_for_a_slow_subscriber_and_ends_on_close(
         assert [queue.get_nowait()["n"], queue.get_nowait()["n"]] == [3, 4]  # type: ignore[index]
         hub.close()
         assert queue.get_nowait() is None
+
+
+def _decided_batch(count: int) -> tuple[list[Inbound], list[Reply]]:
+    from datetime import UTC, datetime
+
+    now = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
+    topic = gate_topic("lot1", "in1", TopicKind.EVENTS)
+    ref = parse_topic(topic)
+    assert ref is not None
+    batch: list[Inbound] = []
+    replies: list[Reply] = []
+    for n in range(count):
+        event = ScanEvent(
+            event_id=new_id(),
+            lot_id="lot1",
+            gate_id="in1",
+            seq=n,
+            boot=1,
+            direction=Direction.ENTRY,
+            code="QP1.not-checked-here",
+            scanned_at=now,
+        )
+        batch.append(Inbound(ref=ref, topic=topic, payload=encode(event), message=event))
+        command = GateCommand(
+            command_id=new_id(),
+            event_id=event.event_id,
+            lot_id="lot1",
+            gate_id="in1",
+            action=GateAction.OPEN,
+            reason=Reason.WELCOME,
+            display="Welcome",
+            issued_at=now,
+            deadline=now + timedelta(seconds=10),
+        )
+        replies.append(Reply(topic="t", payload=b"", message=command, expiry=10))
+    return batch, replies
+
+
+def test_a_big_batch_nobody_watches_fills_the_short_memory_with_its_last_scans() -> None:
+    batch, replies = _decided_batch(8)
+    quiet = EventHub(keep=3)
+    quiet.on_batch(batch, replies)
+    assert [e["event_id"] for e in quiet.recent()] == [i.message.event_id for i in batch[-3:]]
+
+    watched = EventHub(keep=3, queue_size=100)
+    with watched.subscription() as queue:
+        watched.on_batch(batch, replies)
+        assert queue.qsize() == 8  # a watching panel gets every scan
+    assert [e["event_id"] for e in watched.recent()] == [e["event_id"] for e in quiet.recent()]

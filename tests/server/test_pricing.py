@@ -467,3 +467,16 @@ def test_calendar_caps_count_each_local_day_once_on_dst_days(
             per_day[key] = min(per_day.get(key, 0) + 100, 1000)
             at += timedelta(minutes=15)
         assert result.amount.amount_minor == sum(per_day.values())
+
+
+def test_stored_line_items_are_the_dataclass_fields_in_order() -> None:
+    import json
+    from dataclasses import asdict
+
+    tariff = Tariff(
+        first_period_minutes=60, first_period_minor=800, increment_minor=500, daily_cap_minor=6000
+    )
+    start = datetime(2026, 5, 4, 8, 0, tzinfo=UTC)
+    quote = price(tariff, start, start + timedelta(hours=30))
+    assert len(quote.line_items) > 1
+    assert quote.line_items_json() == json.dumps([asdict(item) for item in quote.line_items])
