@@ -91,6 +91,18 @@ _DISCONNECT = mqtt5.DisconnectPacket().write()
 _MAX_REMAINING_LENGTH_BYTES = 4
 
 
+@dataclass(slots=True)
+class _Outgoing:
+    """A QoS 1 publish: what to send, and who waits for its PUBACK."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    expiry: int | None
+    future: asyncio.Future[object]
+    handle: asyncio.TimerHandle
+
+
 def _ack(first_byte: int, packet_id: int) -> bytes:
     """PUBACK / PUBREC / PUBREL / PUBCOMP with reason Success and no properties: the four
     bytes MQTT 5 allows for it (3.4.2.1)."""
@@ -117,7 +129,7 @@ class _Link(asyncio.Protocol):
         self._in_flight: set[int] = set()  # our QoS 1 publishes awaiting PUBACK
         self._next_id = 0
         self._credit = 65_535  # the broker's Receive Maximum, from CONNACK
-        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._backlog: deque[_Outgoing] = deque()  # QoS 1 publishes waiting for credit
         self._incoming_qos2: set[int] = set()
         self._keepalive = 0.0
         self._last_sent = loop.time()
@@ -194,11 +206,12 @@ class _Link(asyncio.Protocol):
                 future.exception()
         self._acks.clear()
         self._in_flight.clear()
-        while self._waiting:
-            waiter = self._waiting.popleft()
-            if not waiter.done():
-                waiter.set_exception(error)
-                waiter.exception()
+        while self._backlog:
+            waiting = self._backlog.popleft()
+            waiting.handle.cancel()
+            if not waiting.future.done():
+                waiting.future.set_exception(error)
+                waiting.future.exception()
         if not self.closed.done():
             self.closed.set_result(self._failure or (str(exc) if exc is not None else None))
 
@@ -259,7 +272,8 @@ class _Link(asyncio.Protocol):
         if packet_id in self._in_flight:
             self._in_flight.discard(packet_id)
             self._credit += 1
-            self._wake_one()
+            if self._backlog:
+                self._send_backlog()
         if entry is None:
             return
         future, handle = entry
@@ -302,12 +316,11 @@ class _Link(asyncio.Protocol):
                 return self._next_id
         raise TransportUnavailable("no free MQTT packet id")
 
-    def _wake_one(self) -> None:
-        while self._credit > 0 and self._waiting:
-            waiter = self._waiting.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    def _send_backlog(self) -> None:
+        while self._credit > 0 and self._backlog:
+            waiting = self._backlog.popleft()
+            if not waiting.future.done():  # else: it timed out while it waited
+                self._send_publish(waiting)
 
     def _expect(self, packet_id: int, timeout: float, what: str) -> asyncio.Future[object]:
         future: asyncio.Future[object] = self._loop.create_future()
@@ -320,7 +333,7 @@ class _Link(asyncio.Protocol):
         if not future.done():
             future.set_exception(TransportUnavailable(f"no {what} within {timeout:g} s"))
 
-    async def publish(
+    def publish(
         self,
         topic: str,
         payload: bytes,
@@ -329,48 +342,44 @@ class _Link(asyncio.Protocol):
         retain: bool,
         expiry: int | None,
         timeout: float,
-    ) -> None:
+    ) -> asyncio.Future[object]:
+        """Send (or queue, beyond the broker's Receive Maximum) one PUBLISH; the future is
+        done at its PUBACK (at once for QoS 0) and fails after ``timeout``."""
+        future: asyncio.Future[object] = self._loop.create_future()
         if self.transport is None:
-            raise TransportUnavailable("MQTT connection lost")
+            future.set_exception(TransportUnavailable("MQTT connection lost"))
+            return future
         if qos == 0:
             self._send(
                 mqtt5.PublishPacket(
                     topic, payload, retain=retain, message_expiry_interval=expiry
                 ).write()
             )
-            return
-        if self._credit <= 0 or self._waiting:
-            waiter: asyncio.Future[None] = self._loop.create_future()
-            self._waiting.append(waiter)
-            try:
-                async with asyncio.timeout(timeout):
-                    await waiter
-            except TimeoutError:
-                raise TransportUnavailable(
-                    f"no room among the broker's in-flight messages within {timeout:g} s"
-                ) from None
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
-                    with contextlib.suppress(ValueError):
-                        self._waiting.remove(waiter)
-            if self.transport is None:
-                raise TransportUnavailable("MQTT connection lost")
+            future.set_result(None)
+            return future
+        handle = self._loop.call_later(timeout, self._expired, future, "PUBACK", timeout)
+        outgoing = _Outgoing(topic, payload, retain, expiry, future, handle)
+        if self._credit > 0 and not self._backlog:
+            self._send_publish(outgoing)
+        else:
+            self._backlog.append(outgoing)
+        return future
+
+    def _send_publish(self, outgoing: _Outgoing) -> None:
         packet_id = self._new_id()
         self._credit -= 1
         self._in_flight.add(packet_id)
-        future = self._expect(packet_id, timeout, "PUBACK")
+        self._acks[packet_id] = (outgoing.future, outgoing.handle)
         self._send(
             mqtt5.PublishPacket(
-                topic,
-                payload,
-                qos=_QOS[qos],
-                retain=retain,
+                outgoing.topic,
+                outgoing.payload,
+                qos=mqtt5.QoS.AT_LEAST_ONCE,
+                retain=outgoing.retain,
                 packet_id=packet_id,
-                message_expiry_interval=expiry,
+                message_expiry_interval=outgoing.expiry,
             ).write()
         )
-        await future
 
     async def subscribe(
         self, topic_filter: str, qos: int, timeout: float
@@ -541,12 +550,29 @@ class MqttTransport:
         retain: bool = False,
         expiry: int | None = None,
     ) -> None:
-        link = self._link
-        if link is None or not self._connected.is_set():
-            raise TransportUnavailable(f"MQTT client {self.client_id} is not connected")
+        await self.publish_nowait(topic, payload, qos=qos, retain=retain, expiry=expiry)
+
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        expiry: int | None = None,
+    ) -> asyncio.Future[object]:
+        """:meth:`publish` without a coroutine: the packet goes out (or waits its turn) now,
+        and the future is done at the PUBACK. Fails the future, never raises, offline."""
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, not {qos!r}")
-        await link.publish(
+        link = self._link
+        if link is None or not self._connected.is_set():
+            future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            future.set_exception(
+                TransportUnavailable(f"MQTT client {self.client_id} is not connected")
+            )
+            return future
+        return link.publish(
             topic,
             payload,
             qos=min(qos, 1),  # QoS 2 is not used by this system; sent as QoS 1

@@ -93,6 +93,20 @@ class Transport(Protocol):
         instead of delivering it late. Raises :class:`TransportUnavailable` when offline.
         """
 
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        expiry: int | None = None,
+    ) -> asyncio.Future[object]:
+        """:meth:`publish` started at once, without a coroutine (a busy publisher sends
+        hundreds at a time): the future is done when :meth:`publish` would return, and
+        holds its :class:`TransportUnavailable` when offline."""
+        ...
+
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None: ...
 
     def on_connect(self, hook: ConnectHook) -> None: ...
@@ -323,6 +337,23 @@ class InMemoryTransport:
         if not self.connected:
             raise TransportUnavailable(f"{self.client_id} is not connected")
         self._broker._route(topic, payload, retain)
+
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        expiry: int | None = None,
+    ) -> asyncio.Future[object]:
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        if not self.connected:
+            future.set_exception(TransportUnavailable(f"{self.client_id} is not connected"))
+        else:
+            self._broker._route(topic, payload, retain)
+            future.set_result(None)
+        return future
 
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         if topic_filter not in self._filters:

@@ -63,6 +63,10 @@ class MosquittoProcess:
             f"listener {self.port} 127.0.0.1",
             "set_tcp_nodelay true",
             "max_queued_messages 100000",
+            # As deploy/mosquitto: the window of QoS 1 messages in flight per client (and
+            # the Receive Maximum it grants); the default 20 costs the service a round
+            # trip per 20 commands or events.
+            "max_inflight_messages 1000",
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             "log_dest stderr",

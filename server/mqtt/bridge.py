@@ -459,9 +459,10 @@ class Bridge:
     async def _publish(self) -> None:
         while True:
             replies, handled = await self._outbox.get()
+            # Futures, not coroutines: gather wraps no task around each.
             results = await asyncio.gather(
                 *(
-                    self.transport.publish(r.topic, r.payload, qos=1, expiry=r.expiry)
+                    self.transport.publish_nowait(r.topic, r.payload, qos=1, expiry=r.expiry)
                     for r in replies
                 ),
                 return_exceptions=True,

@@ -404,3 +404,41 @@ def test_the_transport_runs_on_uvloop(mosquitto: MosquittoProcess) -> None:
             await subscriber.close()
 
     assert uvloop.run(main()) == list(range(100))
+
+
+async def test_a_publish_that_timed_out_waiting_its_turn_is_never_sent() -> None:
+    sent: list[str] = []
+    acked = asyncio.Event()
+
+    async def script(peer: _Peer) -> None:
+        await peer.connack(receive_max=1)
+        first = await peer.read()
+        assert isinstance(first, mqtt5.PublishPacket) and first.packet_id is not None
+        sent.append(first.topic)
+        await acked.wait()  # both publishes have timed out by now
+        await peer.send(mqtt5.PubAckPacket(first.packet_id).write())
+        with contextlib.suppress(TimeoutError):
+            late = await peer.read(timeout=0.3)
+            sent.append(getattr(late, "topic", type(late).__name__))
+        await peer.read(timeout=30)
+
+    async with _ScriptedBroker(script) as broker:
+        transport = _transport(broker.url, timeout=0.2)
+        await transport.start()
+        try:
+            assert await transport.wait_connected(5)
+            offline = MqttTransport(parse_broker_url(broker.url), "t-never-started")
+            with pytest.raises(TransportUnavailable, match="not connected"):
+                await offline.publish_nowait("t/x", b"m")
+            results = await asyncio.gather(
+                transport.publish_nowait("t/first", b"m"),
+                transport.publish_nowait("t/second", b"m"),
+                return_exceptions=True,
+            )
+            assert all(isinstance(r, TransportUnavailable) for r in results)
+            acked.set()
+            await asyncio.sleep(0.5)
+            assert sent == ["t/first"]  # the second gave up before there was room
+            await transport.publish("t/third", b"m", qos=0)  # the link is still fine
+        finally:
+            await transport.close()
