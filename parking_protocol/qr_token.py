@@ -163,9 +163,9 @@ def parse_code(code: str) -> CodeClaims:
     )
 
 
-Proven = Callable[[str, bytes], bool]
-"""``proven(code, public_key_bytes)``: whether that code's signature was already checked
-under that key (and found good), e.g. by a :class:`SignatureChecker`."""
+Proven = Callable[[str], "tuple[CodeClaims, bytes] | None"]
+"""``proven(code)``: the claims of a code whose signature was already checked and found good
+(e.g. by a :class:`SignatureChecker`), with the public key it was checked under; or None."""
 
 
 def verify_code(
@@ -181,16 +181,18 @@ def verify_code(
     Raises :class:`CodeRejected` with a distinct reason for each failure. Checks run from
     the cheapest to the signature, and the time window only after the signature, so an
     attacker learns nothing about timing from a forged code. ``proven`` may vouch for the
-    signature (checked ahead, under the same key); everything else is checked here.
+    code's form and signature (checked ahead; it counts only if checked under the key the
+    code's ``kid`` names now); the key's presence and the time window are checked here.
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    claims = parse_code(code)
+    ahead = proven(code) if proven is not None else None
+    claims = ahead[0] if ahead is not None else parse_code(code)
     key = keys.get(claims.kid)
     if key is None:
         raise CodeRejected(CodeRejection.UNKNOWN_KEY, claims.kid)
     raw = key.public_bytes_raw()
-    if proven is None or not proven(code, raw):
+    if ahead is None or ahead[1] != raw:
         try:
             # libsodium (PyNaCl) checks an Ed25519 signature in about half the time OpenSSL
             # (cryptography) takes on the machines measured (docs/scaling.md): at a busy
@@ -219,7 +221,8 @@ class SignatureChecker:
     another core beside the service's database and event-loop threads instead of on the
     one thread all decisions pass through. What it has not checked in time (or found bad:
     it keeps only good signatures) :func:`verify_code` checks itself, so it only ever saves
-    work. At most ``capacity`` results wait to be used; the oldest go first.
+    work: the signature check and the parsing (the claims are immutable). At most
+    ``capacity`` results wait to be used; the oldest go first.
     """
 
     def __init__(self, capacity: int = 20_000) -> None:
@@ -229,7 +232,7 @@ class SignatureChecker:
         self._queue: queue.SimpleQueue[tuple[str, Mapping[str, Ed25519PublicKey]] | None] = (
             queue.SimpleQueue()
         )
-        self._good: OrderedDict[tuple[str, bytes], None] = OrderedDict()
+        self._good: OrderedDict[str, tuple[CodeClaims, bytes]] = OrderedDict()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -248,14 +251,13 @@ class SignatureChecker:
         if self._thread is not None:
             self._queue.put((code, keys))
 
-    def proven(self, code: str, public_key: bytes) -> bool:
-        """Whether ``code`` was found signed by ``public_key``; each result is used once."""
-        try:
-            del self._good[code, public_key]
-        except KeyError:
-            return False
-        self.used += 1
-        return True
+    def proven(self, code: str) -> tuple[CodeClaims, bytes] | None:
+        """The claims of ``code`` if its signature was found good, with the public key it
+        was checked under (see :data:`Proven`); each result is used once."""
+        found = self._good.pop(code, None)
+        if found is not None:
+            self.used += 1
+        return found
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -270,7 +272,7 @@ class SignatureChecker:
             except (CodeRejected, BadSignatureError, ValueError, TypeError):
                 continue  # verify_code finds it again and says why
             self.checked += 1
-            self._good[code, raw] = None
+            self._good[code] = (claims, raw)
             while len(self._good) > self.capacity:
                 with contextlib.suppress(KeyError):
                     self._good.popitem(last=False)

@@ -15,6 +15,7 @@ would raise through ``Connection.execute`` (``IntegrityError``, ``OperationalErr
 from __future__ import annotations
 
 import collections
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,8 +37,24 @@ class _Plan:
     constants: Mapping[str, Any]  # values the statement carries itself
     processors: tuple[Processor | None, ...]
     positional: bool
+    getter: Callable[[Mapping[str, Any]], Any] | None = None
+    """When every value is a given one by name (no IN-list, no constant): all of them at
+    once (``operator.itemgetter``), then only the converting processors run."""
+    converting: tuple[tuple[int, Processor], ...] = ()
 
     def parameters(self, given: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
+        getter = self.getter
+        if getter is not None:
+            found = getter(given)
+            values: list[Any] = [found] if len(self.names) == 1 else list(found)
+            for position, process in self.converting:
+                values[position] = process(values[position])
+            if self.positional:
+                return values
+            return dict(zip(self.names, values, strict=True))
+        return self._slow_parameters(given)
+
+    def _slow_parameters(self, given: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
         values: list[Any] = []
         for name, (source, index), process in zip(
             self.names, self.sources, self.processors, strict=True
@@ -95,13 +112,21 @@ class Prepared:
             for name, (source, _) in zip(names, sources, strict=True)
             if source not in given
         }
+        processors = tuple(state.processors.get(name) for name in names)
+        direct = bool(names) and not constants and all(index is None for _, index in sources)
         plan = _Plan(
             sql=state.statement,
             names=names,
             sources=sources,
             constants=constants,
-            processors=tuple(state.processors.get(name) for name in names),
+            processors=processors,
             positional=state.positiontup is not None,
+            getter=operator.itemgetter(*(source for source, _ in sources)) if direct else None,
+            converting=tuple(
+                (position, process)
+                for position, process in enumerate(processors)
+                if process is not None
+            ),
         )
         self._plans[key] = plan
         return plan

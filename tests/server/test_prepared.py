@@ -130,3 +130,28 @@ def test_a_database_error_is_raised_as_the_sqlalchemy_exception(engine: Engine) 
         with pytest.raises(sa.exc.IntegrityError), conn.begin_nested():
             insert.many(conn, [row])
         assert conn.execute(sa.select(sa.func.count()).select_from(_nonces)).scalar_one() == 1
+
+
+def test_plain_parameters_take_the_direct_path_and_give_what_the_general_one_gives(
+    engine: Engine,
+) -> None:
+    one = Prepared(sa.select(_stays.c.session_id).where(_stays.c.session_id == sa.bindparam("s")))
+    insert = Prepared(_stays.insert())
+    listed = Prepared(
+        sa.select(_stays.c.session_id).where(
+            _stays.c.account_id.in_(sa.bindparam("accounts", expanding=True))
+        )
+    )
+    with engine.begin() as conn:
+        _setup(conn)
+        insert.many(conn, [_stay(1), _stay(2, state="closed")])
+        assert [r.session_id for r in one.all(conn, s="s2")] == ["s2"]
+        assert len(listed.all(conn, accounts=["a1", "a2"])) == 2
+        for prepared, given in (
+            (one, {"s": "s2"}),
+            (insert, _stay(3)),
+            (listed, {"accounts": ["a1", "a2"]}),
+        ):
+            plan = prepared._plan(conn.dialect, given)
+            assert (plan.getter is not None) == (prepared is not listed)
+            assert plan.parameters(given) == plan._slow_parameters(given)
