@@ -21,10 +21,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
+import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -107,6 +110,9 @@ class Inbound:
     message: ScanEvent | GatewayStatus | CommandReply
 
 
+_A = TypeVar("_A")
+_R = TypeVar("_R")
+
 _CONFLICT_RETRIES = 2
 _TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
 
@@ -120,6 +126,55 @@ def _unreachable(exc: OperationalError) -> bool:
     """A failure of the database connection, not of this message's statements."""
     state = _sqlstate(exc)
     return bool(exc.connection_invalidated) or state is None or state.startswith(("08", "57P"))
+
+
+class _WriterThread:
+    """The one thread batches are handled in (``asyncio.to_thread`` without the default
+    executor's bookkeeping: a queue put there, a ``call_soon_threadsafe`` back)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[
+            tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[[Any], Any], Any] | None
+        ] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="bridge-writer", daemon=True)
+            self._thread.start()
+
+    async def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._jobs.put(None)  # after the batch it is in, if any
+            await asyncio.to_thread(thread.join, 30)
+
+    async def run(self, function: Callable[[_A], _R], argument: _A) -> _R:
+        if self._thread is None:  # not started (a bridge driven by hand)
+            return await asyncio.to_thread(function, argument)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_R] = loop.create_future()
+        self._jobs.put((loop, future, function, argument))
+        return await future
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, future, function, argument = job
+            try:
+                outcome: tuple[Any, BaseException | None] = (function(argument), None)
+            except BaseException as exc:  # handed to the awaiting task, as to_thread does
+                outcome = (None, exc)
+            with contextlib.suppress(RuntimeError):  # the loop closed while it ran
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the awaiting task was cancelled meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class _FirstRunFailed(Exception):
@@ -163,7 +218,10 @@ class Bridge:
         self.stats = BridgeStats()
         self.sequences = SeqTracker()
         self._queue: asyncio.Queue[Inbound] = asyncio.Queue(queue_size)
-        self._outbox: asyncio.Queue[tuple[list[Reply], int]] = asyncio.Queue()
+        self._outbox: asyncio.Queue[tuple[list[Reply], list[asyncio.Future[object]], int]] = (
+            asyncio.Queue()
+        )
+        self._thread = _WriterThread()
         self._pending = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -181,6 +239,7 @@ class Bridge:
     async def start(self) -> None:
         for topic_filter in self.subscriptions():
             await self.transport.subscribe(topic_filter, qos=1)
+        self._thread.start()
         self._tasks = [
             asyncio.create_task(self._consume(), name="bridge:consume"),
             asyncio.create_task(self._write(), name="bridge:write"),
@@ -203,6 +262,7 @@ class Bridge:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        await self._thread.stop()
 
     async def wait_idle(self) -> None:
         """Until everything accepted so far is committed and published."""
@@ -273,7 +333,7 @@ class Bridge:
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                replies = await asyncio.to_thread(self.process_batch, batch)
+                replies = await self._thread.run(self.process_batch, batch)
             except Exception:
                 self.stats.failed_batches += 1
                 log.exception("batch of %d not committed; scans denied as unavailable", len(batch))
@@ -283,12 +343,19 @@ class Bridge:
                     for item in batch
                     if isinstance(item.message, ScanEvent)
                 ]
+            # The commands go out first (and are on the wire after one turn of the loop);
+            # the listeners (the panel's feed, metrics, caches) run after, off their path.
+            sent = [
+                self.transport.publish_nowait(r.topic, r.payload, qos=1, expiry=r.expiry)
+                for r in replies
+            ]
+            await self._outbox.put((replies, sent, len(batch)))
+            await asyncio.sleep(0)
             if self.on_batch is not None:
                 try:
                     self.on_batch(batch, replies)
                 except Exception:
                     log.exception("batch listener failed")
-            await self._outbox.put((replies, len(batch)))
 
     def process_batch(self, batch: list[Inbound]) -> list[Reply]:
         """One transaction for the batch (runs in a thread), in batch order: runs of online
@@ -458,15 +525,9 @@ class Bridge:
     # -- the publisher ----------------------------------------------------------------------------
     async def _publish(self) -> None:
         while True:
-            replies, handled = await self._outbox.get()
+            replies, sent, handled = await self._outbox.get()
             # Futures, not coroutines: gather wraps no task around each.
-            results = await asyncio.gather(
-                *(
-                    self.transport.publish_nowait(r.topic, r.payload, qos=1, expiry=r.expiry)
-                    for r in replies
-                ),
-                return_exceptions=True,
-            )
+            results = await asyncio.gather(*sent, return_exceptions=True)
             for reply, result in zip(replies, results, strict=True):
                 if isinstance(result, BaseException):
                     self.stats.publish_failures += 1
