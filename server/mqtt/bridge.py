@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session
 
@@ -175,6 +175,36 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+class _Scope:
+    """One batch's transaction: a Core connection (all the fast path needs), and an ORM
+    session over it, made only when a message goes through the ORM flow. The session joins
+    the connection's transaction (``rollback_only``): its SAVEPOINTs are the messages', the
+    batch commits with the connection. A Session per batch cost a batch of one ~0.3 ms."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._db: Session | None = None
+
+    @property
+    def db(self) -> Session:
+        if self._db is None:
+            self._db = Session(
+                bind=self.conn, expire_on_commit=False, join_transaction_mode="rollback_only"
+            )
+        return self._db
+
+    def expire(self) -> None:
+        if self._db is not None:
+            self._db.expire_all()
+
+    def __enter__(self) -> _Scope:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._db is not None:
+            self._db.close()
 
 
 class _FirstRunFailed(Exception):
@@ -379,24 +409,26 @@ class Bridge:
         transaction and the batch is done again with that run through the ORM flow:
         ``orm_until``)."""
         replies: list[Reply] = []
-        with Session(self.engine, expire_on_commit=False) as db, db.begin():
+        with self.engine.connect() as conn, conn.begin(), _Scope(conn) as scope:
             i = 0
             while i < len(batch):
                 run = self._fast_run(batch, i) if i >= orm_until else []
                 if run:
                     bare = bare_start and i == 0
-                    decided = self._process_fast(db, run, savepoint=not bare)
+                    decided = self._process_fast(scope, run, savepoint=not bare)
                     if decided is None and bare:
                         raise _FirstRunFailed(len(run))
                     if decided is None:  # the run failed as a whole: one by one instead
-                        replies.extend(r for item in run if (r := self._process_one(db, item)))
+                        replies.extend(
+                            r for item in run if (r := self._process_one(scope.db, item))
+                        )
                         i += len(run)
                         continue
                     replies.extend(decided)
                     i += len(decided)
                     if len(decided) == len(run):
                         continue
-                reply = self._process_one(db, batch[i])
+                reply = self._process_one(scope.db, batch[i])
                 if reply is not None:
                     replies.append(reply)
                 i += 1
@@ -416,7 +448,7 @@ class Bridge:
         return batch[start:end]
 
     def _process_fast(
-        self, db: Session, run: list[Inbound], *, savepoint: bool = True
+        self, scope: _Scope, run: list[Inbound], *, savepoint: bool = True
     ) -> list[Reply] | None:
         """Decide a prefix of ``run`` in one SAVEPOINT (or none: the caller rolls back the
         transaction if it fails); None if the run failed as a whole (nothing of it written,
@@ -425,8 +457,8 @@ class Bridge:
         now = self.clock.now()
         items = [(item.message, item.ref) for item in run if isinstance(item.message, ScanEvent)]
         try:
-            with db.begin_nested() if savepoint else contextlib.nullcontext():
-                outcome = self.fast_path.decide(db.connection(), items, now)
+            with scope.conn.begin_nested() if savepoint else contextlib.nullcontext():
+                outcome = self.fast_path.decide(scope.conn, items, now)
         except OperationalError as exc:
             if _unreachable(exc):
                 raise
@@ -440,7 +472,7 @@ class Bridge:
             )
             return None
         if outcome.replies:
-            db.expire_all()  # rows the session loaded earlier may have changed under it
+            scope.expire()  # rows the session loaded earlier may have changed under it
         self.stats.fast += len(outcome.replies)
         self.stats.events += len(outcome.replies)
         self.stats.replays += outcome.replayed
