@@ -18,7 +18,7 @@ import collections
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect
@@ -112,7 +112,14 @@ class Prepared:
             for name, (source, _) in zip(names, sources, strict=True)
             if source not in given
         }
-        processors = tuple(state.processors.get(name) for name in names)
+        # The statement's own bind processors, and those of the expanded IN-list values (as
+        # SQLAlchemy's execution context merges them). ``state.processors`` alone holds only
+        # the expanded ones: the fast path once stored SQLite timestamps in the driver's
+        # default form ("... 12:00:00+00:00", even "+08:00") instead of UTC text.
+        # (A sequence of processors is for tuple-typed binds, which these statements lack.)
+        own = cast("Mapping[str, Processor]", compiled._bind_processors)
+        every: dict[str, Processor] = {**own, **state.processors}
+        processors = tuple(every.get(name) for name in names)
         direct = bool(names) and not constants and all(index is None for _, index in sources)
         plan = _Plan(
             sql=state.statement,

@@ -70,3 +70,38 @@ def test_the_covering_indexes_go_down_and_up_again(database_url: str) -> None:
             assert compare_metadata(context, metadata()) == []
     finally:
         engine.dispose()
+
+
+def test_timestamps_the_fast_path_stored_with_an_offset_are_rewritten_as_utc(
+    sqlite_url: str,
+) -> None:
+    """0010: on SQLite, "…+00:00" and a gateway's "…+08:00" become the UTC text every
+    other writer stores; UTC text is left as it is."""
+    from alembic import command
+
+    from server.db import alembic_config
+
+    engine = make_engine(sqlite_url)
+    try:
+        with engine.connect() as conn:
+            command.upgrade(alembic_config(conn), "0009_covering_indexes")
+            conn.commit()
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO used_nonces (nonce, account_id, event_id, used_at) VALUES"
+                " ('a', 'x', 'e1', '2026-05-04 12:00:00+00:00'),"
+                " ('b', 'x', 'e2', '2026-05-04 20:00:00.250000+08:00'),"
+                " ('c', 'x', 'e3', '2026-05-04 07:30:00-04:30'),"
+                " ('d', 'x', 'e4', '2026-05-04 12:00:00.000001')"
+            )
+        upgrade(engine)
+        with engine.connect() as conn:
+            stored = dict(conn.exec_driver_sql("SELECT nonce, used_at FROM used_nonces").all())
+        assert stored == {
+            "a": "2026-05-04 12:00:00.000000",
+            "b": "2026-05-04 12:00:00.250000",
+            "c": "2026-05-04 12:00:00.000000",
+            "d": "2026-05-04 12:00:00.000001",
+        }
+    finally:
+        engine.dispose()

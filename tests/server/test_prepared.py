@@ -4,7 +4,7 @@ databases: the same rows, the same stored values, the same exceptions."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -155,3 +155,22 @@ def test_plain_parameters_take_the_direct_path_and_give_what_the_general_one_giv
             plan = prepared._plan(conn.dialect, given)
             assert (plan.getter is not None) == (prepared is not listed)
             assert plan.parameters(given) == plan._slow_parameters(given)
+
+
+def test_timestamps_are_stored_as_the_core_path_stores_them(engine: Engine) -> None:
+    """Bind conversions apply to plain parameters too: on SQLite a timestamp is UTC text
+    (a local offset converted), not the driver's default form with the offset kept."""
+    local = datetime(2026, 5, 4, 20, 0, tzinfo=timezone(timedelta(hours=8)))
+    row = {"nonce": "core", "account_id": "a0", "event_id": "e-core", "used_at": local}
+    with engine.begin() as conn:
+        _setup(conn)
+        conn.execute(_nonces.insert(), row)
+        Prepared(_nonces.insert()).many(conn, [{**row, "nonce": "ours", "event_id": "e-ours"}])
+        stored = dict(
+            conn.execute(sa.text("SELECT nonce, CAST(used_at AS TEXT) FROM used_nonces")).all()
+        )
+    assert stored["ours"] == stored["core"]
+    read = Prepared(sa.select(_nonces.c.used_at).where(_nonces.c.nonce == sa.bindparam("n")))
+    with engine.connect() as conn:
+        [(used_at,)] = read.all(conn, n="ours")
+    assert used_at == local and used_at.utcoffset() == timedelta(0)
