@@ -448,18 +448,19 @@ def run(
         print(steady.line(f"[{label}] {target:.0f}/s offered", t4))
     finally:
         service.close()
+    sqlite = label == "SQLite"  # issue 7's latency targets at a realistic rate are SQLite's
     figures += [
         Figure(
             f"[{label}] decision latency p50, {lanes * 2} gates @ {rate}/s",
             many.quantile(50),
             "ms",
-            3.0,
+            3.0 if sqlite else None,
         ),
         Figure(
             f"[{label}] decision latency p99, {lanes * 2} gates @ {rate}/s",
             many.quantile(99),
             "ms",
-            15.0,
+            15.0 if sqlite else None,
         ),
         Figure(
             f"[{label}] throughput, events answered/s ({lanes * drivers} drivers at once)",

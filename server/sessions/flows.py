@@ -113,7 +113,9 @@ def _command_for(
     event_id: str, ref: TopicRef, decision: _Decision, now: datetime, config: FlowConfig
 ) -> Reply:
     assert ref.gate_id is not None
-    command = GateCommand(
+    # Every field is the service's own, already typed: built without validating it again
+    # (7 % of a busy service's database thread; a test checks it equals the validated one).
+    command = GateCommand.model_construct(
         command_id=new_id(),
         event_id=event_id,
         lot_id=ref.lot_id,

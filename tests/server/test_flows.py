@@ -21,6 +21,7 @@ from parking_protocol.messages import (
     GatewayStatus,
     OfflineDecision,
     ScanEvent,
+    decode,
     encode,
     new_id,
 )
@@ -549,3 +550,23 @@ async def test_another_lot_is_independent(world: World) -> None:
     world.central.create_lot(LotCreate(lot_id="lot2", name="Second", capacity=5))
     await enter(world)
     assert world.central.get_lot("lot2").occupancy.open_sessions == 0
+
+
+@pytest.mark.parametrize("amount", [None, Money(amount_minor=1500, currency="CNY")])
+def test_a_command_built_without_validation_equals_the_validated_one(
+    amount: Money | None,
+) -> None:
+    from datetime import UTC, datetime
+
+    from parking_protocol.topics import parse_topic
+    from server.sessions.flows import FlowConfig, _command_for, _Decision
+
+    ref = parse_topic(gate_topic("lot1", "out1", TopicKind.EVENTS))
+    assert ref is not None
+    now = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
+    decision = _Decision(GateAction.OPEN, Reason.PAID, amount=amount, session_id="s-1")
+    reply = _command_for(new_id(), ref, decision, now, FlowConfig(keys={}))
+    validated = GateCommand.model_validate(reply.message.model_dump())
+    assert validated == reply.message
+    assert encode(validated) == reply.payload
+    assert decode(reply.payload) == reply.message
