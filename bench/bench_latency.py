@@ -163,13 +163,8 @@ class SimGateClient:
         await self.transport.close()
 
 
-async def run_lanes(
-    broker_url: str, key_file: Path, lanes: int, seconds: float, rate: float
-) -> tuple[Stats, float]:
-    ring = load_or_create_keys(key_file)
-    key = ring.active
-    stats = Stats()
-    rng = random.Random(7)
+async def _start_lanes(broker_url: str, lanes: int) -> list[tuple[SimGateClient, SimGateClient]]:
+    """An entry and an exit gate per lane, connected (``in{i}``, ``out{i}``)."""
     clients = [
         (
             SimGateClient(broker_url, f"in{i}", Direction.ENTRY),
@@ -177,9 +172,18 @@ async def run_lanes(
         )
         for i in range(lanes)
     ]
-    for pair in clients:
-        for client in pair:
-            await client.start()
+    await asyncio.gather(*(client.start() for pair in clients for client in pair))
+    return clients
+
+
+async def run_lanes(
+    broker_url: str, key_file: Path, lanes: int, seconds: float, rate: float
+) -> tuple[Stats, float]:
+    ring = load_or_create_keys(key_file)
+    key = ring.active
+    stats = Stats()
+    rng = random.Random(7)
+    clients = await _start_lanes(broker_url, lanes)
     stop_at = time.perf_counter() + seconds
     interval = 0 if rate <= 0 else 1 / rate
 
@@ -222,16 +226,7 @@ async def flood(
     ring = load_or_create_keys(key_file)
     key = ring.active
     stats = Stats()
-    clients = [
-        (
-            SimGateClient(broker_url, f"in{i}", Direction.ENTRY),
-            SimGateClient(broker_url, f"out{i}", Direction.EXIT),
-        )
-        for i in range(lanes)
-    ]
-    for pair in clients:
-        for client in pair:
-            await client.start()
+    clients = await _start_lanes(broker_url, lanes)
 
     now = datetime.now(UTC)
     codes = {  # signed before the clock starts: the bench measures the service, not itself
@@ -277,14 +272,7 @@ async def sustained(
     key = ring.active
     stats = Stats()
     rng = random.Random(11)
-    clients = [
-        (
-            SimGateClient(broker_url, f"in{i}", Direction.ENTRY),
-            SimGateClient(broker_url, f"out{i}", Direction.EXIT),
-        )
-        for i in range(lanes)
-    ]
-    await asyncio.gather(*(client.start() for pair in clients for client in pair))
+    clients = await _start_lanes(broker_url, lanes)
     per_lane = max(1, round(rate * seconds))
     now = datetime.now(UTC)
     codes = [  # signed before the clock starts: the bench measures the service, not itself

@@ -132,7 +132,7 @@ class _Link(asyncio.Protocol):
         self._backlog: deque[_Outgoing] = deque()  # QoS 1 publishes waiting for credit
         self._incoming_qos2: set[int] = set()
         self._keepalive = 0.0
-        self._last_sent = loop.time()
+        self._last_sent = self._last_received = loop.time()
         self._ping_sent: float | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self._paused = False
@@ -147,6 +147,7 @@ class _Link(asyncio.Protocol):
                 sock.setsockopt(*TCP_NODELAY)
 
     def data_received(self, data: bytes) -> None:
+        self._last_received = self._loop.time()
         if self._rest:
             data = self._rest + data
             self._rest = b""
@@ -420,7 +421,10 @@ class _Link(asyncio.Protocol):
         if self._ping_sent is not None and now - self._ping_sent >= self._keepalive:
             self._protocol_error(f"no answer to PINGREQ within {self._keepalive:g} s")
             return
-        if self._ping_sent is None and now - self._last_sent >= self._keepalive / 2:
+        # Ping when either way has been quiet: a link that hangs while this side keeps
+        # publishing (nothing comes back, not even a PUBACK) is found as one that is idle.
+        quiet = now - min(self._last_sent, self._last_received)
+        if self._ping_sent is None and quiet >= self._keepalive / 2:
             self._ping_sent = now
             self._send(_PINGREQ)
         self._ticker = self._loop.call_later(self._tick_interval(), self._tick)

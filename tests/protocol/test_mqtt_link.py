@@ -442,3 +442,40 @@ async def test_a_publish_that_timed_out_waiting_its_turn_is_never_sent() -> None
             await transport.publish("t/third", b"m", qos=0)  # the link is still fine
         finally:
             await transport.close()
+
+
+async def test_a_link_that_hangs_while_this_side_keeps_publishing_is_dropped() -> None:
+    """Nothing comes back (no PUBACK, no PINGRESP) while the client keeps sending: the
+    keepalive must still find the link dead, not only an idle one."""
+    loop = asyncio.get_running_loop()
+    hung_at: list[float] = []
+
+    async def script(peer: _Peer) -> None:
+        await peer.connack()
+        if len(broker.peers) == 1:
+            hung_at.append(loop.time())
+            while True:  # swallow everything, answer nothing
+                await peer.read(timeout=30)
+        await peer.read(timeout=30)
+
+    async with _ScriptedBroker(script) as broker:
+        transport = _transport(broker.url, keepalive=1)
+        await transport.start()
+        try:
+            assert await transport.wait_connected(5)
+
+            async def chatter() -> None:
+                while True:
+                    with contextlib.suppress(TransportUnavailable):
+                        await transport.publish("t/status", b"alive", qos=0)
+                    await asyncio.sleep(0.05)
+
+            talking = asyncio.create_task(chatter())
+            try:
+                await broker.wait_peers(2, timeout=10)
+            finally:
+                talking.cancel()
+            assert loop.time() - hung_at[0] < 3.0  # within a keepalive and a half, or so
+            assert "PINGREQ" in (transport.last_error or "")
+        finally:
+            await transport.close()
