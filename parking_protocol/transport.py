@@ -334,9 +334,7 @@ class InMemoryTransport:
         retain: bool = False,
         expiry: int | None = None,
     ) -> None:
-        if not self.connected:
-            raise TransportUnavailable(f"{self.client_id} is not connected")
-        self._broker._route(topic, payload, retain)
+        await self.publish_nowait(topic, payload, qos=qos, retain=retain, expiry=expiry)
 
     def publish_nowait(
         self,

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from parking_protocol.clock import Clock, SystemClock
-from parking_protocol.qr_token import SignatureChecker, issue_code
+from parking_protocol.qr_token import issue_code
 from parking_protocol.transport import Transport
 from server import db as database
 from server.accounts import service as accounts
@@ -39,6 +39,7 @@ from server.sessions import service as sessions
 from server.sessions.fastpath import FastPath
 from server.sessions.flows import FlowConfig, Reply, handle_scan
 from server.sessions.models import SessionRead
+from server.signatures import SignatureChecker
 
 __all__ = ["Central", "build_central"]
 

@@ -26,7 +26,7 @@ from parking_protocol.messages import (
     encode,
     new_id,
 )
-from parking_protocol.qr_token import CodeClaims, CodeRejected, SignatureChecker, verify_code
+from parking_protocol.qr_token import CodeClaims, CodeRejected, verify_code
 from parking_protocol.topics import TopicKind, TopicRef, gate_topic
 from parking_protocol.types import DENY_TEXT, Direction, GateAction, Money, Reason
 from server.accounts import service as accounts
@@ -42,6 +42,7 @@ from server.pricing.adjust import StayPrice
 from server.pricing.engine import LineItem, Quote, lost_ticket_quote
 from server.sessions import service as sessions
 from server.sessions.models import ParkingSession, PendingScan, SessionState
+from server.signatures import SignatureChecker
 
 __all__ = [
     "FlowConfig",
