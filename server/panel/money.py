@@ -33,7 +33,7 @@ from server.panel import service as panel_service
 from server.panel.actions import clean_reason
 from server.panel.amounts import check_year, to_major, to_minor
 from server.panel.router import back, page, parse_day
-from server.panel.templating import money
+from server.panel.templating import money, short_id
 from server.payments import service as payments
 from server.payments.models import RefundCreate
 from server.sessions import service as sessions
@@ -270,7 +270,7 @@ def refund(
         request,
         url,
         ok=True,
-        text=f"{money(total, currency)} {verb} on session {session_id[:12]}",
+        text=f"{money(total, currency)} {verb} on session {short_id(session_id)}",
     )
 
 

@@ -65,6 +65,13 @@ def duration(seconds: int | None) -> str:
     return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
 
 
+def short_id(value: str, length: int = 10) -> str:
+    """An id as the panel shows it in a table: its last characters. Our ids are UUIDv7
+    (:func:`parking_protocol.messages.new_id`), whose first characters are the time they
+    were made: ids made in the same minute begin alike, their random tails do not."""
+    return value if len(value) <= length else "…" + value[-length:]
+
+
 @cache
 def environment(directory: Path = TEMPLATES) -> Environment:
     env = Environment(
@@ -72,7 +79,7 @@ def environment(directory: Path = TEMPLATES) -> Environment:
         autoescape=select_autoescape(["html"]),
         auto_reload=False,
     )
-    env.filters.update(money=money, when=when, ago=ago, duration=duration)
+    env.filters.update(money=money, when=when, ago=ago, duration=duration, short_id=short_id)
     env.globals["Role"] = Role
     return env
 

@@ -220,7 +220,7 @@ class SandboxCardProvider:
                 raise PaymentTimeout(f"{operation}_timeout")
             if outcome in ("error", "decline"):
                 raise PaymentFailed(f"{operation}_failed")
-            result = f"{operation[:3]}_{new_id()[:12]}"
+            result = f"{operation[:3]}_{new_id()[-12:]}"  # the random end of a UUIDv7
             self._results[(operation, key)] = (result, amount)
             if operation == "capture":
                 self._captured[result] = amount.amount_minor  # taken, whether or not we hear

@@ -69,6 +69,13 @@ class _Plan:
         return dict(zip(self.names, values, strict=True))
 
 
+def _padded(values: list[Any]) -> list[Any]:
+    n = len(values)
+    if n < 2 or n & (n - 1) == 0:
+        return values
+    return values + [values[-1]] * ((1 << n.bit_length()) - n)
+
+
 class Prepared:
     """One statement; :meth:`all` for a query, :meth:`run` and :meth:`many` for writes."""
 
@@ -152,8 +159,13 @@ class Prepared:
 
     # -- running -------------------------------------------------------------------------------
     def all(self, conn: Connection, **given: Any) -> list[Any]:
-        """The rows of a query, as named tuples converted by the columns' types."""
+        """The rows of a query, as named tuples converted by the columns' types.
+
+        Each IN-list is padded to a power-of-two length with its last value (``IN (a, b,
+        b, b)`` selects what ``IN (a, b)`` does): a statement is then compiled, and
+        prepared by the driver, for a few lengths, not for every length a batch brings."""
         dialect = conn.dialect
+        given = {k: _padded(v) if type(v) is list else v for k, v in given.items()}
         plan = self._plan(dialect, given)
         cursor = self._execute(conn, plan, plan.parameters(given))
         fetched = cursor.fetchall()

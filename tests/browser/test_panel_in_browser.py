@@ -22,6 +22,7 @@ from browser_support import (
 
 from parking_protocol.qr_token import CodeClaims, verify_code
 from parking_protocol.types import DENY_TEXT, Reason
+from server.panel.templating import short_id
 
 pytestmark = [pytest.mark.browser, pytest.mark.broker, pytest.mark.slow]
 
@@ -277,7 +278,7 @@ def test_operator_sees_revenue_and_refunds_a_stay_from_the_money_page(
     page.screenshot(path=str(shot), full_page=True)
     keep(shot)
 
-    row = page.locator("#payments tbody tr", has_text=session_id[:10])
+    row = page.locator("#payments tbody tr", has_text=short_id(session_id))
     row.locator("summary", has_text="Refund").click()
     row.locator("input[name=amount]").fill("2.00")
     row.locator("input[name=reason]").fill("Ticket machine charged twice")

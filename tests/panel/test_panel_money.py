@@ -33,7 +33,7 @@ from server.gateways.models import GateCreate
 from server.lots.models import LotCreate
 from server.panel import charts
 from server.panel.money import csv_bytes
-from server.panel.templating import money
+from server.panel.templating import money, short_id
 from server.payments.models import Permit, Refund
 
 
@@ -122,7 +122,7 @@ async def test_money_page_lists_outstanding_debts(
     assert stay.settlement == "owed"
     assert 'id="owed-CNY" class="neg">¥10.00<' in page.text
     debts = page.text.split('id="debts"')[1].split("</table>")[0]
-    assert "carol" in debts and stay.session_id[:10] in debts
+    assert "carol" in debts and short_id(stay.session_id) in debts
     assert 'id="debt-total">¥10.00<' in account.text
 
 

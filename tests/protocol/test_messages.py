@@ -161,3 +161,39 @@ def test_json_schema_covers_every_message_type() -> None:
     schema = json.dumps(message_json_schema())
     for name in ("ScanEvent", "GateCommand", "EventAck", "CommandReply", "GatewayStatus"):
         assert name in schema
+
+
+def test_new_ids_are_uuid7_text_and_never_repeat_across_threads_and_forks() -> None:
+    import os
+    import threading
+    import uuid
+
+    ids = [new_id() for _ in range(1000)]  # several refills of the per-thread buffer
+    assert all(str(uuid.UUID(i)) == i and uuid.UUID(i).version == 7 for i in ids)
+    assert len(set(ids)) == len(ids)
+
+    other: list[str] = []
+    worker = threading.Thread(target=lambda: other.extend(new_id() for _ in range(300)))
+    worker.start()
+    worker.join()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child draws ids from where its parent's buffer stands
+        os.write(write, "\n".join(new_id() for _ in range(10)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        child = pipe.read().split("\n")
+    parent = [new_id() for _ in range(10)]
+    everything = ids + other + child + parent
+    assert len(child) == 10
+    assert len(set(everything)) == len(everything)
+
+
+def test_new_ids_made_later_sort_later() -> None:
+    import time
+
+    first = new_id()
+    time.sleep(0.002)  # the timestamp is in milliseconds
+    assert first < new_id()

@@ -594,7 +594,7 @@ def exits_closing_later_stays(world: World, url: str) -> list[str]:
         ):
             found.append(
                 f"exit {event.lot_id}/{event.gate_id} seq {event.seq} scanned"
-                f" {event.scanned_at:%T.%f} closed stay {answer.session_id[:8]}, which began"
+                f" {event.scanned_at:%T.%f} closed stay {answer.session_id[-8:]}, which began"
                 f" {began[answer.session_id]:%T.%f}"
             )
     return found

@@ -174,3 +174,20 @@ def test_timestamps_are_stored_as_the_core_path_stores_them(engine: Engine) -> N
     with engine.connect() as conn:
         [(used_at,)] = read.all(conn, n="ours")
     assert used_at == local and used_at.utcoffset() == timedelta(0)
+
+
+def test_in_lists_are_padded_to_a_few_lengths_and_select_the_same_rows(engine: Engine) -> None:
+    from server.sessions.prepared import Prepared
+
+    table = sa.Table("padded", sa.MetaData(), sa.Column("k", sa.String, primary_key=True))
+    with engine.begin() as conn:
+        table.create(conn)
+        conn.execute(table.insert(), [{"k": f"k{i}"} for i in range(20)])
+        query = Prepared(
+            sa.select(table.c.k).where(table.c.k.in_(sa.bindparam("ks", expanding=True)))
+        )
+        for n in range(1, 21):
+            wanted = [f"k{i}" for i in range(n)] + ["absent"]
+            assert sorted(r.k for r in query.all(conn, ks=wanted)) == sorted(wanted[:-1])
+    # 2..21 values: lengths 2, 4, 8, 16, 32 (one plan each), not 20 plans
+    assert len(query._plans) == 5
