@@ -69,7 +69,7 @@ from server.sessions.models import (
     UsedNonce,
     state_in,
 )
-from server.sessions.prepared import Prepared
+from server.sessions.prepared import Pending, Prepared, pipeline
 
 __all__ = ["FastPath", "Item"]
 
@@ -343,17 +343,18 @@ class FastPath:
     def decide(self, conn: Connection, items: Sequence[Item], now: datetime) -> Outcome:
         """Decide the longest prefix of ``items`` this path handles; ``len(replies)`` says
         how many. Writes go through ``conn`` (the caller's transaction)."""
-        run = _Run(self.config, now, self._read(conn, items, now), self._tariffs)
-        replies: list[Reply] = []
-        replayed = 0
-        for event, ref in items:
-            try:
-                reply, again = run.one(event, ref)
-            except _Stop:
-                break
-            replies.append(reply)
-            replayed += again
-        run.writes.flush(conn)
+        with pipeline(conn):  # PostgreSQL: the reads in two round trips, the writes in one
+            run = _Run(self.config, now, self._read(conn, items, now), self._tariffs)
+            replies: list[Reply] = []
+            replayed = 0
+            for event, ref in items:
+                try:
+                    reply, again = run.one(event, ref)
+                except _Stop:
+                    break
+                replies.append(reply)
+                replayed += again
+            run.writes.flush(conn)
         return Outcome(replies, replayed)
 
     # -- reading ----------------------------------------------------------------------------
@@ -420,21 +421,29 @@ class FastPath:
         exiting = sorted({e.lot_id for e in events if e.direction is Direction.EXIT})
         postgres = conn.dialect.name == "postgresql"
 
-        def rows(query: sa.Select[Any], **params: Iterable[str]) -> list[Any]:
+        def send(query: sa.Select[Any], **params: Iterable[str]) -> Pending | None:
             bound = {k: list(v) for k, v in params.items()}
             if any(not v for v in bound.values()):
-                return []
-            return _query(conn, query, **bound)
+                return None
+            return _PREPARED[id(query)].submit(conn, **bound)
 
-        processed = {
-            r.event_id: (r.lot_id, r.gate_id, r.reply_json)
-            for r in rows(_Q_PROCESSED, ids=[e.event_id for e in events])
-        }
-        # Stays, then accounts: the order the ORM flow locks them in (see lock_account).
-        open_query = _Q_OPEN_LOCKED if postgres else _Q_OPEN
-        open_rows = rows(open_query, accounts=accounts)
-        account_query = _Q_ACCOUNTS_LOCKED if postgres else _Q_ACCOUNTS
-        account_rows = rows(account_query, accounts=accounts)
+        def rows(sent: Pending | None) -> list[Any]:
+            return [] if sent is None else sent.rows()
+
+        # Sent together (one round trip in PostgreSQL's pipeline), in the order the ORM
+        # flow locks in: stays, then accounts (see lock_account).
+        sent_processed = send(_Q_PROCESSED, ids=[e.event_id for e in events])
+        sent_open = send(_Q_OPEN_LOCKED if postgres else _Q_OPEN, accounts=accounts)
+        sent_accounts = send(_Q_ACCOUNTS_LOCKED if postgres else _Q_ACCOUNTS, accounts=accounts)
+        # Read every time, not cached: a version added by another process from now on
+        # prices the stays entered from now on.
+        sent_versions = send(_Q_VERSIONS, lots=exiting)
+        sent_nonces = send(_Q_NONCES, nonces=nonces)
+        sent_last_closed = send(_Q_LAST_CLOSED, accounts=leaving)
+        sent_pending = send(_Q_PENDING, accounts=accounts)
+        sent_occupancy = send(_Q_OCCUPANCY, lots=entering)
+        sent_permits = send(_Q_PERMITS, accounts=leaving)
+        sent_balances = send(_Q_BALANCES, wallets=[wallet_account(a) for a in leaving])
         open_stays = {
             (r.account_id, r.lot_id): _Stay(
                 r.session_id,
@@ -442,41 +451,37 @@ class FastPath:
                 False,
                 bool(r.prepaid_minor) or r.prepaid_at is not None,
             )
-            for r in open_rows
+            for r in rows(sent_open)
         }
         session_ids = [
             stay.session_id for (account, _), stay in open_stays.items() if account in leaving
         ]
-        # Read every time, not cached: a version added by another process from now on
-        # prices the stays entered from now on.
+        sent_validations = send(_Q_VALIDATIONS, sessions=session_ids)
+        sent_keys = send(_Q_KEYS, keys=[f"exit:{sid}" for sid in session_ids])
         versions: dict[str, list[Any]] = {}
-        for r in rows(_Q_VERSIONS, lots=exiting):
+        for r in rows(sent_versions):
             versions.setdefault(r.lot_id, []).append(r)
         return _Facts(
             claims=claims,
             versions=versions,
-            processed=processed,
+            processed={
+                r.event_id: (r.lot_id, r.gate_id, r.reply_json) for r in rows(sent_processed)
+            },
             refs=refs,
-            spent={r.nonce for r in rows(_Q_NONCES, nonces=nonces)},
-            accounts={r.account_id: r for r in account_rows},
+            spent={r.nonce for r in rows(sent_nonces)},
+            accounts={r.account_id: r for r in rows(sent_accounts)},
             open=open_stays,
             last_closed={
                 (r.account_id, r.lot_id): _aware(r.entered_at)
-                for r in rows(_Q_LAST_CLOSED, accounts=leaving)
+                for r in rows(sent_last_closed)
                 if r.entered_at is not None
             },
-            pending={(r.account_id, r.lot_id) for r in rows(_Q_PENDING, accounts=accounts)},
-            occupancy={r.lot_id: int(r.n) for r in rows(_Q_OCCUPANCY, lots=entering)},
-            permit_holders={r.account_id for r in rows(_Q_PERMITS, accounts=leaving)},
-            validated={r.session_id for r in rows(_Q_VALIDATIONS, sessions=session_ids)},
-            used_keys={
-                r.idempotency_key
-                for r in rows(_Q_KEYS, keys=[f"exit:{sid}" for sid in session_ids])
-            },
-            balances={
-                (r.ledger_account, r.currency): int(r.total)
-                for r in rows(_Q_BALANCES, wallets=[wallet_account(a) for a in leaving])
-            },
+            pending={(r.account_id, r.lot_id) for r in rows(sent_pending)},
+            occupancy={r.lot_id: int(r.n) for r in rows(sent_occupancy)},
+            permit_holders={r.account_id for r in rows(sent_permits)},
+            validated={r.session_id for r in rows(sent_validations)},
+            used_keys={r.idempotency_key for r in rows(sent_keys)},
+            balances={(r.ledger_account, r.currency): int(r.total) for r in rows(sent_balances)},
         )
 
 

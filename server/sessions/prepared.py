@@ -15,8 +15,9 @@ would raise through ``Connection.execute`` (``IntegrityError``, ``OperationalErr
 from __future__ import annotations
 
 import collections
+import contextlib
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -24,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
-__all__ = ["Prepared"]
+__all__ = ["Pending", "Prepared", "pipeline"]
 
 Processor = Callable[[Any], Any]
 
@@ -74,6 +75,66 @@ def _padded(values: list[Any]) -> list[Any]:
     if n < 2 or n & (n - 1) == 0:
         return values
     return values + [values[-1]] * ((1 << n.bit_length()) - n)
+
+
+def _pipelining(conn: Connection) -> bool:
+    dbapi = conn.connection.dbapi_connection
+    return getattr(dbapi, "_pipeline", None) is not None
+
+
+def _raised(dialect: Dialect, sql: str, parameters: Any, exc: Exception) -> Exception:
+    """A DBAPI error as the SQLAlchemy exception ``Connection.execute`` would raise."""
+    return sa.exc.DBAPIError.instance(
+        sql, parameters, exc, dialect.loaded_dbapi.Error, dialect=dialect
+    )
+
+
+class Pending:
+    """A query sent; :meth:`rows` takes its rows (once)."""
+
+    def __init__(
+        self, prepared: Prepared, dialect: Dialect, sql: str, parameters: Any, cursor: Any
+    ) -> None:
+        self._prepared = prepared
+        self._dialect = dialect
+        self._sql = sql
+        self._parameters = parameters
+        self._cursor = cursor
+        self._rows: list[Any] | None = None
+
+    def rows(self) -> list[Any]:
+        if self._rows is None:
+            cursor, self._cursor = self._cursor, None
+            try:
+                fetched = cursor.fetchall()
+            except self._dialect.loaded_dbapi.Error as exc:
+                raise _raised(self._dialect, self._sql, self._parameters, exc) from exc
+            finally:
+                cursor.close()
+            self._rows = self._prepared._convert(self._dialect, fetched)
+        return self._rows
+
+
+@contextlib.contextmanager
+def pipeline(conn: Connection) -> Iterator[None]:
+    """On PostgreSQL (psycopg), the statements run inside go out without waiting for each
+    other's answers: queries sent with :meth:`Prepared.submit` before the first
+    :meth:`Pending.rows` share one round trip, and the writes (``executemany``) that end
+    the block share the one it ends with, where each statement took a round trip of its
+    own (≈ 20 per batch of the event fast path, most of a small batch's time). An error of
+    any of them is raised (as SQLAlchemy's exception) by ``rows`` or at the end of the
+    block. Elsewhere it does nothing."""
+    dbapi = conn.connection.dbapi_connection
+    start = getattr(dbapi, "pipeline", None) if conn.dialect.name == "postgresql" else None
+    if start is None:
+        yield
+        return
+    dialect = conn.dialect
+    try:
+        with start():
+            yield
+    except dialect.loaded_dbapi.Error as exc:
+        raise _raised(dialect, "(pipeline)", (), exc) from exc
 
 
 class Prepared:
@@ -164,12 +225,23 @@ class Prepared:
         Each IN-list is padded to a power-of-two length with its last value (``IN (a, b,
         b, b)`` selects what ``IN (a, b)`` does): a statement is then compiled, and
         prepared by the driver, for a few lengths, not for every length a batch brings."""
+        return self.submit(conn, **given).rows()
+
+    def submit(self, conn: Connection, **given: Any) -> Pending:
+        """Send the query now, take its rows later (:meth:`Pending.rows`): inside
+        :func:`pipeline` on PostgreSQL, the queries sent before the first rows are taken
+        make one round trip together. Elsewhere the rows are fetched at once."""
         dialect = conn.dialect
         given = {k: _padded(v) if type(v) is list else v for k, v in given.items()}
         plan = self._plan(dialect, given)
-        cursor = self._execute(conn, plan, plan.parameters(given))
-        fetched = cursor.fetchall()
-        cursor.close()
+        parameters = plan.parameters(given)
+        cursor = self._execute(conn, plan, parameters)
+        pending = Pending(self, dialect, plan.sql, parameters, cursor)
+        if not _pipelining(conn):
+            pending.rows()
+        return pending
+
+    def _convert(self, dialect: Dialect, fetched: Sequence[Any]) -> list[Any]:
         row, converters = self._row_type(dialect)
         if not any(converters):
             return [row(*r) for r in fetched]

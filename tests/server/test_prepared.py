@@ -191,3 +191,37 @@ def test_in_lists_are_padded_to_a_few_lengths_and_select_the_same_rows(engine: E
             assert sorted(r.k for r in query.all(conn, ks=wanted)) == sorted(wanted[:-1])
     # 2..21 values: lengths 2, 4, 8, 16, 32 (one plan each), not 20 plans
     assert len(query._plans) == 5
+
+
+def test_a_pipeline_sends_queries_together_and_raises_a_write_error_at_its_end(
+    engine: Engine,
+) -> None:
+    from server.sessions.prepared import pipeline
+
+    insert = Prepared(_nonces.insert())
+    by_account = Prepared(
+        sa.select(_nonces.c.nonce)
+        .where(_nonces.c.account_id.in_(sa.bindparam("accounts", expanding=True)))
+        .order_by(_nonces.c.nonce)
+    )
+    rows = [
+        {"nonce": f"n{i}", "account_id": f"a{i % 3}", "event_id": f"e{i}", "used_at": T0}
+        for i in range(6)
+    ]
+    with engine.connect() as conn, conn.begin():
+        _setup(conn)
+        insert.many(conn, rows)
+        with pipeline(conn):
+            first = by_account.submit(conn, accounts=["a0"])
+            second = by_account.submit(conn, accounts=["a1", "a2"])
+            if conn.dialect.name == "postgresql":  # sent, not answered yet
+                assert first._rows is None and second._rows is None
+            assert [r.nonce for r in second.rows()] == ["n1", "n2", "n4", "n5"]
+            assert [r.nonce for r in first.rows()] == ["n0", "n3"]
+        # A duplicate among the writes of a pipeline: SQLAlchemy's exception, by the end
+        # of the block at the latest, and the SAVEPOINT takes everything of it back.
+        with pytest.raises(sa.exc.IntegrityError), conn.begin_nested(), pipeline(conn):
+            insert.many(conn, [{**rows[0], "nonce": "fresh"}])
+            insert.many(conn, [rows[1]])
+        count = sa.select(sa.func.count()).select_from(_nonces)
+        assert conn.execute(count).scalar_one() == 6
