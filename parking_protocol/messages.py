@@ -74,6 +74,10 @@ def _has_utc_form(value: datetime) -> datetime:
         value.astimezone(UTC)
     except OverflowError:
         raise ValueError("timestamp out of range in UTC") from None
+    if value.tzinfo is not UTC and not value.utcoffset():
+        # pydantic's own UTC tzinfo: the same instant, in the one every consumer checks for
+        # ``is UTC`` to skip a conversion (the database's, each event's several timestamps)
+        return value.replace(tzinfo=UTC)
     return value
 
 

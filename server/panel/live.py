@@ -14,6 +14,7 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -63,11 +64,20 @@ def feed_event(event: ScanEvent, reply: GateCommand | EventAck) -> FeedEvent:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class _Unbuilt:
+    """A decided scan kept while nobody watches: its feed event is built when asked for."""
+
+    id: int
+    event: ScanEvent
+    reply: GateCommand | EventAck
+
+
 class EventHub:
     """Fan-out of feed events to any number of subscribers, plus a short memory."""
 
     def __init__(self, *, keep: int = 50, queue_size: int = 200) -> None:
-        self._recent: deque[FeedEvent] = deque(maxlen=keep)
+        self._recent: deque[FeedEvent | _Unbuilt] = deque(maxlen=keep)
         self._subscribers: set[asyncio.Queue[FeedEvent | None]] = set()
         self._queue_size = queue_size
         self._ids = itertools.count(1)
@@ -75,7 +85,12 @@ class EventHub:
         self.closed = False
 
     def recent(self) -> list[FeedEvent]:
-        return list(self._recent)
+        return [
+            {"id": kept.id, **feed_event(kept.event, kept.reply)}
+            if isinstance(kept, _Unbuilt)
+            else kept
+            for kept in self._recent
+        ]
 
     def publish(self, event: FeedEvent) -> None:
         event = {"id": next(self._ids), **event}
@@ -95,13 +110,18 @@ class EventHub:
             if isinstance(item.message, ScanEvent)
             and (reply := answers.get(item.message.event_id)) is not None
         ]
-        keep = self._recent.maxlen
-        if not self._subscribers and keep is not None and len(decided) > keep:
-            # Nobody is watching: build only what the short memory keeps (a busy service's
-            # batches hold hundreds of scans).
-            del decided[:-keep]
-        for event, reply in decided:
-            self.publish(feed_event(event, reply.message))
+        if self._subscribers:
+            for event, reply in decided:
+                self.publish(feed_event(event, reply.message))
+        else:
+            # Nobody is watching: the short memory keeps the scans, and their feed events
+            # (parsing each code for its driver, ~10 % of a busy service's event loop) are
+            # built only if a page asks for them.
+            keep = self._recent.maxlen
+            if keep is not None and len(decided) > keep:
+                del decided[:-keep]
+            for event, reply in decided:
+                self._recent.append(_Unbuilt(next(self._ids), event, reply.message))
         for item in batch:
             message = item.message
             if isinstance(message, GatewayStatus):

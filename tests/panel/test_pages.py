@@ -245,3 +245,6 @@ def test_a_big_batch_nobody_watches_fills_the_short_memory_with_its_last_scans()
         watched.on_batch(batch, replies)
         assert queue.qsize() == 8  # a watching panel gets every scan
     assert [e["event_id"] for e in watched.recent()] == [e["event_id"] for e in quiet.recent()]
+    # The feed events kept unbuilt while nobody watched are the ones a watcher got.
+    unnumbered = [{k: v for k, v in e.items() if k != "id"} for e in quiet.recent()]
+    assert unnumbered == [{k: v for k, v in e.items() if k != "id"} for e in watched.recent()]

@@ -197,3 +197,15 @@ def test_new_ids_made_later_sort_later() -> None:
     first = new_id()
     time.sleep(0.002)  # the timestamp is in milliseconds
     assert first < new_id()
+
+
+def test_decoded_utc_timestamps_carry_the_standard_utc_tzinfo() -> None:
+    """Consumers skip a conversion for ``tzinfo is UTC``; another offset is kept as sent."""
+    wire = encode(scan(scanned_at=NOW))
+    decoded = decode(wire)
+    assert isinstance(decoded, ScanEvent)
+    assert decoded.scanned_at.tzinfo is UTC and decoded.scanned_at == NOW
+    assert encode(decoded) == wire
+    shanghai = decode(wire.replace(b'09:30:00Z"', b'17:30:00+08:00"'))
+    assert isinstance(shanghai, ScanEvent)
+    assert shanghai.scanned_at == NOW and shanghai.scanned_at.utcoffset() == timedelta(hours=8)

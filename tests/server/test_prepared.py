@@ -218,10 +218,15 @@ def test_a_pipeline_sends_queries_together_and_raises_a_write_error_at_its_end(
                 assert first._rows is None and second._rows is None
             assert [r.nonce for r in second.rows()] == ["n1", "n2", "n4", "n5"]
             assert [r.nonce for r in first.rows()] == ["n0", "n3"]
+
         # A duplicate among the writes of a pipeline: SQLAlchemy's exception, by the end
         # of the block at the latest, and the SAVEPOINT takes everything of it back.
-        with pytest.raises(sa.exc.IntegrityError), conn.begin_nested(), pipeline(conn):
-            insert.many(conn, [{**rows[0], "nonce": "fresh"}])
-            insert.many(conn, [rows[1]])
+        def duplicate() -> None:
+            with conn.begin_nested(), pipeline(conn):
+                insert.many(conn, [{**rows[0], "nonce": "fresh"}])
+                insert.many(conn, [rows[1]])
+
+        with pytest.raises(sa.exc.IntegrityError):
+            duplicate()
         count = sa.select(sa.func.count()).select_from(_nonces)
         assert conn.execute(count).scalar_one() == 6
