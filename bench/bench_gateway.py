@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import Figure
 from gateway_firmware.hardware.decoders import DecoderUnavailable, make_decoder
 from parking_protocol.qr_token import issue_code, public_key_text
 from qrpark.services import MosquittoProcess
@@ -134,6 +137,16 @@ def bench_idle(seconds: float, fps: float) -> tuple[float, float, int]:
             proc.terminate()
             proc.wait(10)
         return 100 * (cpu1 - cpu0) / elapsed, rss / 1024, proc.returncode
+
+
+def run(quick: bool = True) -> list[Figure]:
+    """The firmware idling (``bench/run_all.py``; the decode figures are bench_decode's)."""
+    fps = 15.0
+    cpu, rss, _ = bench_idle(10.0 if quick else 30.0, fps)
+    return [
+        Figure(f"gateway: firmware idle at {fps:g} fps, CPU (of one core)", cpu, "%", 25.0),
+        Figure(f"gateway: firmware idle at {fps:g} fps, RSS", rss, "MiB", 150.0),
+    ]
 
 
 def main() -> None:
