@@ -65,7 +65,7 @@ def duration(seconds: int | None) -> str:
     return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
 
 
-def short_id(value: str, length: int = 10) -> str:
+def short_id(value: str, length: int = 8) -> str:
     """An id as the panel shows it in a table: its last characters. Our ids are UUIDv7
     (:func:`parking_protocol.messages.new_id`), whose first characters are the time they
     were made: ids made in the same minute begin alike, their random tails do not."""

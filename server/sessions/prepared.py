@@ -82,10 +82,12 @@ def _pipelining(conn: Connection) -> bool:
     return getattr(dbapi, "_pipeline", None) is not None
 
 
-def _raised(dialect: Dialect, sql: str, parameters: Any, exc: Exception) -> Exception:
+def _raised(
+    dialect: Dialect, sql: str, parameters: Any, exc: Exception, *, many: bool = False
+) -> Exception:
     """A DBAPI error as the SQLAlchemy exception ``Connection.execute`` would raise."""
     return sa.exc.DBAPIError.instance(
-        sql, parameters, exc, dialect.loaded_dbapi.Error, dialect=dialect
+        sql, parameters, exc, dialect.loaded_dbapi.Error, dialect=dialect, ismulti=many
     )
 
 
@@ -278,12 +280,5 @@ class Prepared:
                 cursor.execute(plan.sql, parameters)
         except dialect.loaded_dbapi.Error as exc:
             cursor.close()
-            raise sa.exc.DBAPIError.instance(
-                plan.sql,
-                parameters,
-                exc,
-                dialect.loaded_dbapi.Error,
-                dialect=dialect,
-                ismulti=many,
-            ) from exc
+            raise _raised(dialect, plan.sql, parameters, exc, many=many) from exc
         return cursor
