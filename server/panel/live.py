@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from parking_protocol.messages import EventAck, GateCommand, GatewayStatus, ScanEvent
 from parking_protocol.qr_token import CodeRejected, parse_code
@@ -85,12 +85,10 @@ class EventHub:
         self.closed = False
 
     def recent(self) -> list[FeedEvent]:
-        return [
-            {"id": kept.id, **feed_event(kept.event, kept.reply)}
-            if isinstance(kept, _Unbuilt)
-            else kept
-            for kept in self._recent
-        ]
+        for i, kept in enumerate(self._recent):
+            if isinstance(kept, _Unbuilt):  # built once, when first asked for
+                self._recent[i] = {"id": kept.id, **feed_event(kept.event, kept.reply)}
+        return cast("list[FeedEvent]", list(self._recent))
 
     def publish(self, event: FeedEvent) -> None:
         event = {"id": next(self._ids), **event}

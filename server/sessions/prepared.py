@@ -78,8 +78,9 @@ def _padded(values: list[Any]) -> list[Any]:
 
 
 def _pipelining(conn: Connection) -> bool:
-    dbapi = conn.connection.dbapi_connection
-    return getattr(dbapi, "_pipeline", None) is not None
+    """Whether the connection is in libpq's pipeline mode (psycopg; never on SQLite)."""
+    pgconn = getattr(conn.connection.dbapi_connection, "pgconn", None)
+    return bool(getattr(pgconn, "pipeline_status", 0))
 
 
 def _raised(

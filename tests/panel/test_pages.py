@@ -247,4 +247,5 @@ def test_a_big_batch_nobody_watches_fills_the_short_memory_with_its_last_scans()
     assert [e["event_id"] for e in watched.recent()] == [e["event_id"] for e in quiet.recent()]
     # The feed events kept unbuilt while nobody watched are the ones a watcher got.
     unnumbered = [{k: v for k, v in e.items() if k != "id"} for e in quiet.recent()]
+    assert quiet.recent()[0] is quiet.recent()[0]  # built once, not on every page
     assert unnumbered == [{k: v for k, v in e.items() if k != "id"} for e in watched.recent()]
